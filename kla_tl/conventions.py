@@ -1,0 +1,245 @@
+"""The one shape, layout and dtype contract of kla-tl, and the input validation every entry point uses.
+
+Axis letters follow fla: ``B`` batch, ``T`` tokens per sequence, ``H`` q/k heads, ``HV`` value heads (GVA when
+``HV > H``, requires ``HV % H == 0``), ``K`` key/query head dim, ``V`` value head dim, ``N`` sequences (``B``, or
+``len(cu_seqlens) - 1`` with varlen), ``C`` chunk size.
+
+=============  ==================  ===========================================================
+tensor         shape               dtype
+=============  ==================  ===========================================================
+q, k           [B, T, H, K]        float16 / bfloat16 / float32 (float64 on the reference path)
+v              [B, T, HV, V]       same dtype as q
+g (log-decay)  [B, T, HV]          floating, g <= 0
+eta            [B, T, HV]          floating, eta in (0, 1)
+o              [B, T, HV, V]       q.dtype
+state          [N, HV, K, V]       float32 (float64 when q is float64); K-major
+state pool     [N_slots, HV, K, V] float32 or bfloat16 (``kla_decode`` only)
+cu_seqlens     [N + 1]             int32 / int64, starts at 0, non-decreasing, ends at T; B == 1
+state_indices  [B]                 int32, each in [-1, N_slots); -1 marks a padding row
+=============  ==================  ===========================================================
+
+Validation never reads tensor *values* on a CUDA device except ``cu_seqlens`` (needed on the host anyway to plan
+the launch) and never modifies a caller's tensor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+#: Dtypes accepted for q, k, v.
+QKV_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+#: Dtypes accepted for a ``kla_decode`` state pool.
+POOL_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
+#: Integer dtypes accepted for cu_seqlens.
+CU_SEQLENS_DTYPES = (torch.int32, torch.int64)
+#: Head dims the TileLang kernels are built for (the reference accepts any positive size).
+#: 64/128/256 are the common GDN sizes; 96/192 and 48/96 are the published KLA models' (K, V).
+KERNEL_K = (48, 64, 96, 128, 256)
+KERNEL_V = (64, 96, 128, 192, 256)
+#: Chunk length of the chunkwise kernels (KLA.md section 5).
+CHUNK = 64
+#: Default epsilon of D = ||k||^2 + eps (KLA.md section 2).
+DEFAULT_EPS = 1e-6
+#: Epsilon of the optional q L2 normalization, fla's l2norm (x / sqrt(sum x^2 + 1e-6)).
+QNORM_EPS = 1e-6
+
+
+def _dt(x: torch.dtype) -> str:
+    return str(x).replace("torch.", "")
+
+
+def _names(dtypes) -> str:
+    return ", ".join(_dt(d) for d in dtypes)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Sizes and flags of one validated call (hashable; used to pick kernels and schedules)."""
+
+    B: int
+    T: int
+    H: int
+    HV: int
+    K: int
+    V: int
+    N: int
+    dtype: torch.dtype
+    is_varlen: bool
+    use_h0: bool
+    normalize_q: bool
+
+    @property
+    def group(self) -> int:
+        """Value heads per q/k head (GVA group size)."""
+        return self.HV // self.H
+
+
+def _fail(fn: str, msg: str, exc=ValueError):
+    raise exc(f"{fn}: {msg}")
+
+
+def _check_tensor(fn: str, name: str, x, ndim: int, layout: str):
+    if not isinstance(x, torch.Tensor):
+        _fail(fn, f"{name} must be a torch.Tensor {layout}, got {type(x).__name__}", TypeError)
+    if x.dim() != ndim:
+        _fail(fn, f"{name} must have {ndim} dims {layout}, got shape {tuple(x.shape)}")
+
+
+def _check_float(fn: str, name: str, x: torch.Tensor):
+    if not x.is_floating_point():
+        _fail(fn, f"{name} must be a floating tensor, got dtype {_dt(x.dtype)}", TypeError)
+
+
+def check_cu_seqlens(fn: str, cu_seqlens, T: int, B: int) -> list[int]:
+    """Validate ``cu_seqlens`` and return it as a host list (one device-to-host copy)."""
+    if not isinstance(cu_seqlens, torch.Tensor):
+        _fail(fn, f"cu_seqlens must be a 1-D integer torch.Tensor [N+1], got {type(cu_seqlens).__name__}", TypeError)
+    if cu_seqlens.dtype not in CU_SEQLENS_DTYPES:
+        _fail(fn, f"cu_seqlens must have dtype in ({_names(CU_SEQLENS_DTYPES)}), got {_dt(cu_seqlens.dtype)}", TypeError)
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        _fail(fn, f"cu_seqlens must be 1-D with at least 2 entries [N+1], got shape {tuple(cu_seqlens.shape)}")
+    if B != 1:
+        _fail(fn, f"with cu_seqlens the batch size B (q.shape[0]) must be 1, got B={B}")
+    cu = [int(x) for x in cu_seqlens.tolist()]
+    if cu[0] != 0:
+        _fail(fn, f"cu_seqlens must start at 0, got cu_seqlens[0]={cu[0]}")
+    for i in range(1, len(cu)):
+        if cu[i] < cu[i - 1]:
+            _fail(fn, f"cu_seqlens must be non-decreasing, got cu_seqlens[{i - 1}]={cu[i - 1]} > cu_seqlens[{i}]={cu[i]}")
+    if cu[-1] != T:
+        _fail(fn, f"cu_seqlens must end at T={T} (q.shape[1]), got cu_seqlens[-1]={cu[-1]}")
+    return cu
+
+
+def _check_heads_and_dims(fn, q, k, v, g, eta, *, expect_T1: bool = False):
+    _check_tensor(fn, "q", q, 4, "[B, T, H, K]")
+    _check_tensor(fn, "k", k, 4, "[B, T, H, K]")
+    _check_tensor(fn, "v", v, 4, "[B, T, HV, V]")
+    _check_tensor(fn, "g", g, 3, "[B, T, HV]")
+    _check_tensor(fn, "eta", eta, 3, "[B, T, HV]")
+    if q.dtype not in QKV_DTYPES:
+        _fail(fn, f"q must have dtype in ({_names(QKV_DTYPES)}), got {_dt(q.dtype)}", TypeError)
+    for name, x in (("k", k), ("v", v)):
+        if x.dtype != q.dtype:
+            _fail(fn, f"{name} must have the same dtype as q ({_dt(q.dtype)}), got {_dt(x.dtype)}", TypeError)
+    _check_float(fn, "g", g)
+    _check_float(fn, "eta", eta)
+    B, T, H, K = q.shape
+    if tuple(k.shape) != tuple(q.shape):
+        _fail(fn, f"k must have the shape of q [B, T, H, K]={tuple(q.shape)}, got {tuple(k.shape)}")
+    if v.shape[0] != B or v.shape[1] != T:
+        _fail(fn, f"v must match q in B and T ({B}, {T}), got v.shape={tuple(v.shape)}")
+    HV, V = v.shape[2], v.shape[3]
+    if H == 0 or HV == 0 or K == 0 or V == 0:
+        _fail(fn, f"head counts and head dims must be positive, got H={H}, HV={HV}, K={K}, V={V}")
+    if HV % H != 0:
+        _fail(fn, f"value heads HV={HV} (v.shape[2]) must be a multiple of q/k heads H={H} (q.shape[2])")
+    for name, x in (("g", g), ("eta", eta)):
+        if tuple(x.shape) != (B, T, HV):
+            _fail(fn, f"{name} must have shape [B, T, HV]={(B, T, HV)}, got {tuple(x.shape)}")
+    if expect_T1 and T != 1:
+        _fail(fn, f"one token per row: q.shape[1] (T) must be 1, got T={T}")
+    dev = q.device
+    for name, x in (("k", k), ("v", v), ("g", g), ("eta", eta)):
+        if x.device != dev:
+            _fail(fn, f"all tensors must be on one device; q is on {dev}, {name} is on {x.device}")
+    return B, T, H, HV, K, V
+
+
+def _check_scalar_opts(fn, scale, eps):
+    if scale is not None and (not isinstance(scale, (int, float)) or isinstance(scale, bool)):
+        _fail(fn, f"scale must be a float or None, got {type(scale).__name__}", TypeError)
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps > 0:
+        _fail(fn, f"eps must be a positive float, got {eps!r}")
+
+
+def state_dtype_for(dtype: torch.dtype) -> torch.dtype:
+    """Recurrent-state dtype for inputs of ``dtype``: float32, or float64 for float64 inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_inputs(fn: str, q, k, v, g, eta, *, scale=None, eps=DEFAULT_EPS, normalize_q=False,
+                 initial_state=None, cu_seqlens=None) -> tuple[Problem, Optional[list[int]]]:
+    """Validate the arguments of ``chunk_kla`` / ``fused_recurrent_kla``.
+
+    Returns the :class:`Problem` and ``cu_seqlens`` as a host list (or None).
+    Raises ``TypeError`` for wrong types/dtypes and ``ValueError`` for wrong shapes or values; every message names
+    the function, the argument, what it got and what is accepted.
+    """
+    B, T, H, HV, K, V = _check_heads_and_dims(fn, q, k, v, g, eta)
+    _check_scalar_opts(fn, scale, eps)
+    if not isinstance(normalize_q, bool):
+        _fail(fn, f"normalize_q must be a bool, got {type(normalize_q).__name__}", TypeError)
+    cu = None
+    if cu_seqlens is not None:
+        if isinstance(cu_seqlens, torch.Tensor) and cu_seqlens.device.type != q.device.type:
+            _fail(fn, f"all tensors must be on one device; q is on {q.device}, cu_seqlens is on {cu_seqlens.device}")
+        cu = check_cu_seqlens(fn, cu_seqlens, T, B)
+        N = len(cu) - 1
+    else:
+        N = B
+    if initial_state is not None:
+        _check_tensor(fn, "initial_state", initial_state, 4, "[N, HV, K, V]")
+        if tuple(initial_state.shape) != (N, HV, K, V):
+            _fail(fn, f"initial_state must have shape [N, HV, K, V]={(N, HV, K, V)} "
+                      f"(N = {'len(cu_seqlens)-1' if cu is not None else 'B'}), got {tuple(initial_state.shape)}")
+        if initial_state.dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+            _fail(fn, f"initial_state must be floating (float32 recommended), got {_dt(initial_state.dtype)}", TypeError)
+        if initial_state.device != q.device:
+            _fail(fn, f"all tensors must be on one device; q is on {q.device}, initial_state is on {initial_state.device}")
+    prob = Problem(B=B, T=T, H=H, HV=HV, K=K, V=V, N=N, dtype=q.dtype, is_varlen=cu is not None,
+                   use_h0=initial_state is not None, normalize_q=normalize_q)
+    return prob, cu
+
+
+def check_decode_inputs(fn: str, q, k, v, g, eta, state, *, state_indices=None, scale=None, eps=DEFAULT_EPS,
+                        normalize_q=False, out=None) -> Problem:
+    """Validate the arguments of ``kla_decode`` (one token per row, state pool updated in place)."""
+    B, T, H, HV, K, V = _check_heads_and_dims(fn, q, k, v, g, eta, expect_T1=True)
+    _check_scalar_opts(fn, scale, eps)
+    if not isinstance(normalize_q, bool):
+        _fail(fn, f"normalize_q must be a bool, got {type(normalize_q).__name__}", TypeError)
+    _check_tensor(fn, "state", state, 4, "[N_slots, HV, K, V]")
+    if tuple(state.shape[1:]) != (HV, K, V):
+        _fail(fn, f"state must have shape [N_slots, HV, K, V] with (HV, K, V)={(HV, K, V)}, got {tuple(state.shape)}")
+    if state.dtype not in POOL_DTYPES:
+        _fail(fn, f"state must have dtype in ({_names(POOL_DTYPES)}), got {_dt(state.dtype)}", TypeError)
+    if state.device != q.device:
+        _fail(fn, f"all tensors must be on one device; q is on {q.device}, state is on {state.device}")
+    if state_indices is None:
+        if state.shape[0] != B:
+            _fail(fn, f"without state_indices the state pool must have B={B} slots, got state.shape[0]={state.shape[0]}")
+    else:
+        if not isinstance(state_indices, torch.Tensor):
+            _fail(fn, f"state_indices must be an int32 torch.Tensor [B], got {type(state_indices).__name__}", TypeError)
+        if state_indices.dtype != torch.int32:
+            _fail(fn, f"state_indices must have dtype int32, got {_dt(state_indices.dtype)}", TypeError)
+        if tuple(state_indices.shape) != (B,):
+            _fail(fn, f"state_indices must have shape [B]=({B},), got {tuple(state_indices.shape)}")
+        if state_indices.device != q.device:
+            _fail(fn, f"all tensors must be on one device; q is on {q.device}, state_indices is on {state_indices.device}")
+        if state_indices.device.type == "cpu" and B > 0:
+            lo, hi = int(state_indices.min()), int(state_indices.max())
+            if lo < -1 or hi >= state.shape[0]:
+                _fail(fn, f"state_indices must be in [-1, N_slots={state.shape[0]}), got values in [{lo}, {hi}]")
+    if out is not None:
+        if not isinstance(out, torch.Tensor):
+            _fail(fn, f"out must be a torch.Tensor [B, 1, HV, V], got {type(out).__name__}", TypeError)
+        if tuple(out.shape) != (B, 1, HV, V):
+            _fail(fn, f"out must have shape [B, 1, HV, V]={(B, 1, HV, V)}, got {tuple(out.shape)}")
+        if out.dtype != q.dtype:
+            _fail(fn, f"out must have q's dtype {_dt(q.dtype)}, got {_dt(out.dtype)}", TypeError)
+        if out.device != q.device:
+            _fail(fn, f"all tensors must be on one device; q is on {q.device}, out is on {out.device}")
+    return Problem(B=B, T=1, H=H, HV=HV, K=K, V=V, N=B, dtype=q.dtype, is_varlen=False, use_h0=True,
+                   normalize_q=normalize_q)
+
+
+def sequence_bounds(prob: Problem, cu: Optional[list[int]]) -> list[tuple[int, int, int]]:
+    """(batch row, start, end) of every sequence: B rows of [0, T) or the packed ranges of cu_seqlens."""
+    if cu is None:
+        return [(b, 0, prob.T) for b in range(prob.B)]
+    return [(0, cu[i], cu[i + 1]) for i in range(len(cu) - 1)]
