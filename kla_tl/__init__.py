@@ -10,8 +10,12 @@ Public API (layouts as in fla; see :mod:`kla_tl.conventions`):
 Importing kla_tl does not import tilelang or touch a GPU.
 """
 
-from .api import chunk_kla, fused_recurrent_kla, kla_decode
-from .reference import chunk_kla_reference, naive_kla, kla_decode_reference
+from . import _checkout
+
+_checkout.install()  # source checkout on PYTHONPATH: kla_tl.schedules / kla_tl.autotune -> schedules/, autotune/
+
+from .api import chunk_kla, fused_recurrent_kla, kla_decode  # noqa: E402
+from .reference import chunk_kla_reference, naive_kla, kla_decode_reference  # noqa: E402
 
 __version__ = "0.1.0"
 

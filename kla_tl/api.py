@@ -12,7 +12,8 @@ import torch
 
 from . import dispatch
 from .conventions import DEFAULT_EPS, check_decode_inputs, check_inputs
-from .reference import chunk_kla_reference, kla_decode_reference, naive_kla
+from .ops import check_chunk_inputs, chunk_kla_op
+from .reference import kla_decode_reference, naive_kla
 
 
 def _needs_grad(*xs) -> bool:
@@ -49,7 +50,10 @@ def chunk_kla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
         TypeError, ValueError: naming the argument, what it got and what is accepted.
 
     CUDA tensors of a supported problem run the TileLang kernels; everything else runs the torch reference (a
-    CUDA call that falls back warns once). Differentiable in q, k, v, g, eta and initial_state.
+    CUDA call that falls back warns once). Differentiable in q, k, v, g, eta and initial_state. Registered as the
+    torch operators ``kla_tl::chunk_fwd`` / ``kla_tl::chunk_bwd`` (:mod:`kla_tl.ops`), so
+    ``torch.compile(fullgraph=True)`` traces it, forward and backward; while tracing, the values of cu_seqlens are
+    checked when the compiled graph runs rather than at trace time.
 
     Example:
         >>> B, T, H, K, V = 1, 100, 2, 64, 64
@@ -58,19 +62,11 @@ def chunk_kla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
         >>> g, eta = -torch.rand(B, T, H), torch.rand(B, T, H)
         >>> o, ht = chunk_kla(q, k, v, g, eta, output_final_state=True)
     """
-    prob, cu = check_inputs("chunk_kla", q, k, v, g, eta, scale=scale, eps=eps, normalize_q=normalize_q,
-                            initial_state=initial_state, cu_seqlens=cu_seqlens)
-    from .chunk import chunk_refusal, chunk_kla_kernel  # local: keeps tilelang out of the import path
-    reason = chunk_refusal(prob, q.device, needs_grad=_needs_grad(q, k, v, g, eta, initial_state))
-    if reason is None:
-        return chunk_kla_kernel(q, k, v, g, eta, prob=prob, cu=cu, scale=scale, eps=eps, normalize_q=normalize_q,
-                                initial_state=initial_state, output_final_state=output_final_state,
-                                cu_seqlens=cu_seqlens)
-    if q.device.type == "cuda":
-        dispatch.warn_once("chunk_kla", reason)
-    return chunk_kla_reference(q, k, v, g, eta, scale=scale, eps=eps, normalize_q=normalize_q,
-                               initial_state=initial_state, output_final_state=output_final_state,
-                               cu_seqlens=cu_seqlens)
+    # Validation stays outside the operators; the backend is chosen inside kla_tl::chunk_fwd when it runs (kla_tl.ops).
+    check_chunk_inputs(q, k, v, g, eta, scale=scale, eps=eps, normalize_q=normalize_q, initial_state=initial_state,
+                       cu_seqlens=cu_seqlens)
+    return chunk_kla_op(q, k, v, g, eta, scale=scale, eps=eps, normalize_q=normalize_q, initial_state=initial_state,
+                        output_final_state=output_final_state, cu_seqlens=cu_seqlens)
 
 
 def fused_recurrent_kla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, eta: torch.Tensor, *,

@@ -24,6 +24,7 @@ the launch) and never modifies a caller's tensor.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -152,8 +153,10 @@ def _check_heads_and_dims(fn, q, k, v, g, eta, *, expect_T1: bool = False):
 def _check_scalar_opts(fn, scale, eps):
     if scale is not None and (not isinstance(scale, (int, float)) or isinstance(scale, bool)):
         _fail(fn, f"scale must be a float or None, got {type(scale).__name__}", TypeError)
-    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps > 0:
-        _fail(fn, f"eps must be a positive float, got {eps!r}")
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool):
+        _fail(fn, f"eps must be a positive finite float, got {eps!r}", TypeError)
+    if not (eps > 0 and math.isfinite(eps)):
+        _fail(fn, f"eps must be a positive finite float, got {eps!r}")
 
 
 def state_dtype_for(dtype: torch.dtype) -> torch.dtype:

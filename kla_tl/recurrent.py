@@ -1,33 +1,343 @@
 """Orchestration of the token-by-token kernels: ``kla_decode`` (one token on a state pool) and
-``fused_recurrent_kla`` (short sequences). Kernel builders live in :mod:`kla_tl.kernels.recurrent`."""
+``fused_recurrent_kla`` (short sequences). Kernel builders live in :mod:`kla_tl.kernels.recurrent`.
+
+Each entry has a *refusal* (None when the TileLang kernel serves the call, else the reason the public API falls back
+to the reference) and a *launcher*. Launchers compile once per problem key (the first call costs a TileLang compile,
+or a disk-cache load) and keep the compiled executable in a process-wide table, so a later call does only: a table
+lookup, layout checks on the tensors, and one kernel launch on the current CUDA stream. ``kla_decode`` with ``out=``
+allocates nothing and never synchronizes with the host, so it can be captured in a CUDA graph.
+
+Code path: the device's own arch (``sm_90a`` on Hopper, ``sm_80`` on Ampere), chosen by
+:func:`kla_tl.dispatch.arch_of`. The environment variable ``KLA_TL_ARCH=sm_80`` forces the Ampere path; on a Hopper
+GPU it is built as ``sm_90a`` code with warp specialization, wgmma and TMA disabled
+(:func:`kla_tl.kernels.registry.target_for`), which is how the Ampere path is tested and timed on an H100.
+``KLA_TL_ARCH=sm_90a`` on a non-Hopper GPU raises. The variable is read at every call (it selects a cached kernel).
+
+Schedules come from ``kla_tl.schedules.lookup`` when that module exists (per-GPU tuned JSON), else from the kernel
+spec's default; a schedule that is not valid for the problem is replaced by the default with a warning.
+"""
 
 from __future__ import annotations
 
+import functools
+import importlib
+import os
+import warnings
 from typing import Optional
 
 import torch
 
-from .conventions import Problem
 from . import dispatch
+from .conventions import DEFAULT_EPS, Problem
+
+#: Environment variable forcing a code path: ``sm_80`` (Ampere path, also on Hopper) or ``sm_90a``.
+ARCH_ENV = "KLA_TL_ARCH"
+
+#: os.environ's backing dict and the encoded key of ARCH_ENV (CPython keeps it in sync with os.environ): reading it
+#: costs ~0.05 us where os.environ.get of a missing key costs ~1 us (a caught KeyError), on every decode call.
+_ENV_DATA = getattr(os.environ, "_data", None)
+_ENV_KEY = os.environ.encodekey(ARCH_ENV) if hasattr(os.environ, "encodekey") else None
+
+
+def _arch_env() -> Optional[str]:
+    """The value of KLA_TL_ARCH, or None when unset or empty."""
+    if _ENV_DATA is not None and _ENV_KEY is not None:
+        raw = _ENV_DATA.get(_ENV_KEY)
+        return os.environ.decodevalue(raw) if raw else None
+    return os.environ.get(ARCH_ENV) or None
+
+
+#: torch dtype -> TileLang dtype string, for the dtypes the kernels read directly.
+_TL = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+#: Pool dtypes the decode kernel updates in place.
+_POOL_DTYPES = (torch.float32, torch.bfloat16)
+
+#: (kernel, device index, problem fields, arch env) -> _Launch
+_CACHE: dict = {}
+#: kla_decode fast path: (device, dtypes, sizes, flags, KLA_TL_ARCH) -> (executable, packed strides)
+_DECODE_PLANS: dict = {}
+#: (device index, HV, K, V) -> placeholder tensors for unused kernel parameters
+_PLACEHOLDERS: dict = {}
+
+
+def _dt(x: torch.dtype) -> str:
+    return str(x).replace("torch.", "")
+
+
+# ------------------------------------------------------------------------------------------------------ refusals
 
 
 def decode_refusal(prob: Problem, device: torch.device, state: torch.Tensor) -> Optional[str]:
+    """Why the TileLang decode kernel cannot serve this call (None = it can)."""
     reason = dispatch.common_refusal(prob, device)
     if reason is not None:
         return reason
-    return "the TileLang decode kernel is not built yet"
+    if state.dtype not in _POOL_DTYPES:
+        return f"state pool dtype {_dt(state.dtype)} (the decode kernel updates float32 or bfloat16 pools)"
+    return _no_schedule("decode", prob, state_dtype=_TL[state.dtype])
 
 
 def recurrent_refusal(prob: Problem, device: torch.device, *, needs_grad: bool) -> Optional[str]:
+    """Why the TileLang fused recurrent kernel cannot serve this call (None = it can)."""
     reason = dispatch.common_refusal(prob, device)
     if reason is not None:
         return reason
-    return "the TileLang recurrent kernel is not built yet"
+    if needs_grad:
+        return "fused_recurrent_kla has no backward kernel; use chunk_kla for training"
+    return _no_schedule("fused_recurrent", prob, state_dtype="float32")
 
 
-def kla_decode_kernel(*args, **kwargs):
-    raise NotImplementedError
+def _no_schedule(name: str, prob: Problem, state_dtype: str) -> Optional[str]:
+    if _has_layout(prob.K, prob.V, state_dtype):
+        return None
+    return f"no {name} schedule fits K={prob.K}, V={prob.V} with a {state_dtype} state"
 
 
-def fused_recurrent_kla_kernel(*args, **kwargs):
-    raise NotImplementedError
+@functools.lru_cache(maxsize=None)
+def _has_layout(K: int, V: int, state_dtype: str) -> bool:
+    """Whether any schedule of the space has a lane layout for (K, V) (cached: refusals run on every call)."""
+    from .kernels.recurrent import DECODE_SPACE, DTYPE_BYTES, _layout_ok
+
+    sb = DTYPE_BYTES[state_dtype]
+    return any(_layout_ok(K, V, bv, th, sb) for bv in DECODE_SPACE["block_v"] for th in DECODE_SPACE["threads"])
+
+
+# ------------------------------------------------------------------------------------------------- kernel choice
+
+
+def _code_path(device: torch.device, env: Optional[str]):
+    """(arch, target_arch, pass_configs) of the code path for ``device`` under ``KLA_TL_ARCH=env``."""
+    from .kernels.registry import target_for
+
+    native = dispatch.arch_of(device)
+    if not env:
+        return native, None, None
+    if env == "sm_80":
+        target, configs = target_for("sm_80", run_on_hopper=(native == "sm_90a"))
+        return "sm_80", target["arch"], configs
+    if env == "sm_90a":
+        if native != "sm_90a":
+            raise ValueError(f"{ARCH_ENV}=sm_90a needs a Hopper GPU (compute capability 9.x); "
+                             f"{torch.cuda.get_device_name(device)} runs the sm_80 path")
+        return native, None, None
+    raise ValueError(f"{ARCH_ENV}={env!r}: expected 'sm_80' (Ampere path, also on Hopper) or 'sm_90a', or unset")
+
+
+def _schedule(name: str, spec, device: torch.device, key: dict, arch: str) -> tuple:
+    """(schedule, source): tuned (kla_tl.schedules) when available and valid, else the spec default."""
+    default = spec.default(arch, key)
+    try:
+        schedules = importlib.import_module("kla_tl.schedules")
+    except ModuleNotFoundError as e:
+        if e.name not in ("kla_tl.schedules",):
+            raise
+        return default, "built-in default (kla_tl.schedules not available)"
+    lookup = getattr(schedules, "lookup", None)
+    if lookup is None:
+        return default, "built-in default (kla_tl.schedules has no lookup)"
+    try:
+        sch, source = lookup(name, device, key, arch=arch)
+    except TypeError:
+        sch, source = lookup(name, device, key)
+    if set(sch) != set(spec.space) or not spec.valid(arch, key, sch):
+        warnings.warn(f"kla_tl.{name}: schedule {sch} from {source} does not fit {key}; using the default "
+                      f"{default}", RuntimeWarning, stacklevel=4)
+        return default, "built-in default (tuned schedule invalid)"
+    return sch, source
+
+
+class _Launch:
+    """A compiled kernel ready to launch: the raw TVM-FFI executable (all parameters positional)."""
+
+    __slots__ = ("fn", "kernel", "schedule", "source", "arch", "key")
+
+    def __init__(self, kernel, schedule, source, arch, key):
+        self.kernel = kernel
+        get_exec = getattr(getattr(kernel, "adapter", None), "_get_executable", None)
+        # Calling the executable directly skips TileLang's per-call Python argument marshalling (same host code).
+        self.fn = get_exec() if get_exec is not None else kernel
+        self.schedule, self.source, self.arch, self.key = schedule, source, arch, key
+
+
+def _launch_for(name: str, device: torch.device, key: dict) -> _Launch:
+    env = _arch_env()
+    ck = (name, device.index, tuple(sorted(key.items())), env)
+    hit = _CACHE.get(ck)
+    if hit is not None:
+        return hit
+    from .kernels.recurrent import DECODE_SPEC, FUSED_RECURRENT_SPEC
+
+    spec = DECODE_SPEC if name == "decode" else FUSED_RECURRENT_SPEC
+    arch, target_arch, configs = _code_path(device, env)
+    sch, source = _schedule(name, spec, device, key, arch)
+    kernel = spec.build(arch, key, sch, target_arch=target_arch, pass_configs=configs)
+    hit = _CACHE[ck] = _Launch(kernel, sch, source, arch if target_arch is None else f"{arch} on {target_arch}", key)
+    return hit
+
+
+def decode_key(prob: Problem, *, dtype: torch.dtype, gate_dtype: torch.dtype, state_dtype: torch.dtype,
+               use_indices: bool, normalize_q: bool) -> dict:
+    """Problem key of the decode kernel (what one compiled kernel is specialised on; B is dynamic)."""
+    return {"H": prob.H, "HV": prob.HV, "K": prob.K, "V": prob.V, "dtype": _TL[dtype], "gate_dtype": _TL[gate_dtype],
+            "state_dtype": _TL[state_dtype], "use_indices": bool(use_indices), "normalize_q": bool(normalize_q)}
+
+
+def fused_key(prob: Problem, *, dtype: torch.dtype, gate_dtype: torch.dtype, use_h0: bool, store_ht: bool,
+              normalize_q: bool) -> dict:
+    """Problem key of the fused recurrent kernel (B, T and the number of sequences are dynamic)."""
+    return {"H": prob.H, "HV": prob.HV, "K": prob.K, "V": prob.V, "dtype": _TL[dtype], "gate_dtype": _TL[gate_dtype],
+            "use_h0": bool(use_h0), "store_ht": bool(store_ht), "is_varlen": bool(prob.is_varlen),
+            "normalize_q": bool(normalize_q)}
+
+
+def kernel_info(name: str, device: torch.device, key: dict) -> dict:
+    """Schedule, its source and the code path the launcher uses for ``key`` (compiles on first use)."""
+    lh = _launch_for(name, torch.device(device), key)
+    return {"kernel": name, "schedule": dict(lh.schedule), "source": lh.source, "arch": lh.arch, "key": dict(key)}
+
+
+# ------------------------------------------------------------------------------------------------ tensor layouts
+
+
+def _packed_strides(shape) -> tuple:
+    st, acc = [], 1
+    for n in reversed(shape):
+        st.append(acc)
+        acc *= n
+    return tuple(reversed(st))
+
+
+def _fit(x: torch.Tensor, st: tuple, align: int = 16, copy_ok: bool = True) -> Optional[torch.Tensor]:
+    """``x`` with exactly the packed (row-major) strides ``st`` and an ``align``-byte aligned start, as the kernels
+    require (TileLang's host code checks every stride, size-1 dims included; 128-bit vector accesses need 16 bytes,
+    scalar reads only their element size: pass ``align=1``).
+
+    Returns ``x`` itself when it already is (the fast path: two attribute reads); a same-memory view when only
+    strides of size-1 dims differ; a packed copy otherwise (or None when ``copy_ok`` is False).
+    """
+    if x.stride() == st and x.data_ptr() % align == 0:
+        return x
+    if x.is_contiguous() and x.data_ptr() % align == 0:
+        return x.as_strided(x.shape, st)
+    if not copy_ok:
+        return None
+    return x.clone(memory_format=torch.contiguous_format)
+
+
+def _packed(x: torch.Tensor) -> torch.Tensor:
+    """:func:`_fit` with the packed strides of ``x``'s own shape and 16-byte alignment."""
+    return _fit(x, _packed_strides(x.shape))
+
+
+def _gates(g: torch.Tensor, eta: torch.Tensor):
+    """g and eta in one dtype the kernel reads (float32 unless both already share bf16/fp16/fp32)."""
+    if g.dtype == eta.dtype and g.dtype in _TL:
+        return g, eta
+    return g.float(), eta.float()
+
+
+def _placeholders(device: torch.device, HV: int, K: int, V: int):
+    """(state placeholder [1, HV, K, V] fp32, cu_seqlens placeholder [2] int32): passed for parameters a kernel
+    variant never touches (no initial state, no final state, dense rows)."""
+    ck = (device.index, HV, K, V)
+    hit = _PLACEHOLDERS.get(ck)
+    if hit is None:
+        hit = _PLACEHOLDERS[ck] = (torch.zeros(1, HV, K, V, dtype=torch.float32, device=device),
+                                   torch.zeros(2, dtype=torch.int32, device=device))
+    return hit
+
+
+# ------------------------------------------------------------------------------------------------------ launchers
+
+
+def kla_decode_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, eta: torch.Tensor,
+                      state: torch.Tensor, *, prob: Problem, state_indices: Optional[torch.Tensor] = None,
+                      scale: Optional[float] = None, eps: float = DEFAULT_EPS, normalize_q: bool = False,
+                      out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Launch one decode step (inputs validated by :func:`kla_tl.conventions.check_decode_inputs`).
+
+    The pool ``state`` is updated in place and must be contiguous and 16-byte aligned (``ValueError`` otherwise).
+    q/k/v/g/eta that are not packed are copied (caller tensors are never modified); g/eta are read in their own
+    dtype when they share float32/bfloat16/float16, else converted to float32. With a contiguous ``out`` and
+    packed inputs the call allocates nothing (CUDA-graph capturable); a non-contiguous ``out`` is filled by a copy.
+    """
+    g, eta = _gates(g, eta)
+    use_idx = state_indices is not None
+    fk = (q.device, q.dtype, g.dtype, state.dtype, prob.H, prob.HV, prob.K, prob.V, use_idx, normalize_q,
+          _arch_env())
+    plan = _DECODE_PLANS.get(fk)
+    if plan is None:
+        plan = _DECODE_PLANS[fk] = _decode_plan(prob, q, g, state, use_idx, normalize_q)
+    fn, qk_st, vo_st, gate_st, pool_st = plan
+    pool = _fit(state, pool_st, copy_ok=False)
+    if pool is None:
+        raise ValueError(f"kla_decode: state must be contiguous and 16-byte aligned (the pool is updated in place), "
+                         f"got shape {tuple(state.shape)}, strides {tuple(state.stride())}")
+    o_view = None if out is None else _fit(out, vo_st, copy_ok=False)
+    dst = o_view if o_view is not None else torch.empty((prob.B, 1, prob.HV, prob.V), dtype=q.dtype, device=q.device)
+    if prob.B > 0:
+        # q, k, g, eta and the indices are read as scalars; v, o and the pool with 128-bit (v, o: 64-bit+) accesses
+        if use_idx:
+            fn(_fit(q, qk_st, 1), _fit(k, qk_st, 1), _fit(v, vo_st), _fit(g, gate_st, 1), _fit(eta, gate_st, 1),
+               pool, _fit(state_indices, (1,), 1), dst, float(prob.K ** -0.5 if scale is None else scale),
+               float(eps))
+        else:
+            fn(_fit(q, qk_st, 1), _fit(k, qk_st, 1), _fit(v, vo_st), _fit(g, gate_st, 1), _fit(eta, gate_st, 1),
+               pool, dst, float(prob.K ** -0.5 if scale is None else scale), float(eps))
+    if out is None:
+        return dst
+    if o_view is None:
+        out.copy_(dst)
+    return out
+
+
+def _decode_plan(prob: Problem, q, g, state, use_idx: bool, normalize_q: bool) -> tuple:
+    """(executable, packed strides of q/k, v/o, g/eta and the pool) for one decode problem; compiles on first use."""
+    key = decode_key(prob, dtype=q.dtype, gate_dtype=g.dtype, state_dtype=state.dtype, use_indices=use_idx,
+                     normalize_q=normalize_q)
+    lh = _launch_for("decode", q.device, key)
+    H, HV, K, V = prob.H, prob.HV, prob.K, prob.V
+    return lh.fn, (H * K, H * K, K, 1), (HV * V, HV * V, V, 1), (HV, HV, 1), (HV * K * V, K * V, V, 1)
+
+
+def fused_recurrent_kla_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
+                               eta: torch.Tensor, *, prob: Problem, cu: Optional[list] = None,
+                               scale: Optional[float] = None, eps: float = DEFAULT_EPS, normalize_q: bool = False,
+                               initial_state: Optional[torch.Tensor] = None, output_final_state: bool = False,
+                               cu_seqlens: Optional[torch.Tensor] = None):
+    """Launch the fused recurrence (inputs validated by :func:`kla_tl.conventions.check_inputs`).
+
+    Returns ``(o, final_state)`` like :func:`kla_tl.naive_kla`: o ``[B, T, HV, V]`` in q's dtype, final state
+    ``[N, HV, K, V]`` float32 or None. ``initial_state`` of any float dtype is read as float32 (converted when it is
+    not float32); empty varlen sequences give final state = initial state (or zeros).
+    """
+    dev = q.device
+    B, T, HV, K, V, N = prob.B, prob.T, prob.HV, prob.K, prob.V, prob.N
+    o = torch.empty((B, T, HV, V), dtype=q.dtype, device=dev)
+    final = torch.empty((N, HV, K, V), dtype=torch.float32, device=dev) if output_final_state else None
+    h0 = None
+    if initial_state is not None:
+        h0 = _packed(initial_state if initial_state.dtype == torch.float32 else initial_state.float())
+    if N == 0:
+        return o, final
+    if B * T == 0:
+        # no token anywhere: o is empty and the final state is the initial one
+        if final is not None and h0 is not None:
+            final.copy_(h0)
+        elif final is not None:
+            final.zero_()
+        return o, final
+    g, eta = _gates(g, eta)
+    key = fused_key(prob, dtype=q.dtype, gate_dtype=g.dtype, use_h0=h0 is not None, store_ht=final is not None,
+                    normalize_q=normalize_q)
+    lh = _launch_for("fused_recurrent", dev, key)
+    ph_state, ph_cu = _placeholders(dev, HV, K, V)
+    cu32 = ph_cu
+    if cu is not None:
+        cu32 = _packed(cu_seqlens if cu_seqlens.dtype == torch.int32 else cu_seqlens.to(torch.int32))
+        if cu32.device != dev:
+            cu32 = cu32.to(dev)
+    sc = float(K ** -0.5 if scale is None else scale)
+    lh.fn(_packed(q), _packed(k), _packed(v), _packed(g), _packed(eta), h0 if h0 is not None else ph_state,
+          final if final is not None else ph_state, cu32, o, sc, float(eps))
+    return o, final

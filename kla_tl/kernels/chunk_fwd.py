@@ -1,0 +1,117 @@
+"""The chunkwise forward as the tooling sees it: tuning spaces, defaults and builders of its two stages,
+registered with :mod:`kla_tl.kernels.registry` (``chunk_prepare`` then ``chunk_scan``).
+
+Problem key of both stages: ``{"H", "HV", "K", "V", "dtype", "normalize_q"}`` (+ ``use_h0``, ``store_ht`` for the
+scan). T, the batch and the number of sequences are dynamic in the kernels, so one build serves every length.
+"""
+
+import json
+import math
+
+from .registry import KernelSpec, register, target_for
+
+#: threads per CTA of chunk_prepare. 128 = one warpgroup (the wgmma unit); 256 halves the registers per thread
+#: of the [64, K] fp32 tiles, needed once K or V exceeds 128.
+PREPARE_SPACE = {"threads": (128, 256)}
+
+#: chunk_scan knobs.
+SCAN_SPACE = {
+    #: state columns per CTA: smaller tiles give more CTAs for small N*HV (132 SMs on H100) at the price of
+    #: recomputing q^, K^ per tile; 128 keeps more of the state in one CTA.
+    "block_v": (32, 64, 128),
+    #: 128 = one warpgroup; 256 for large K (the [K, block_v] fp32 state lives in registers).
+    "threads": (128, 256),
+    #: software-pipelining depth of the chunk loads; the Ampere path supports 1 only (runtime trip count,
+    #: TILELANG.md section 7).
+    "num_stages": (1, 2),
+    #: Hopper only: producer/consumer warp specialization (TMA loads in a producer warpgroup). Off: cp.async loads
+    #: issued by the compute threads, still with wgmma. Off is required when K is padded (48, 96): the padded
+    #: loads are masked, and the warp-specialized lowering of masked loads gave wrong states on an H100.
+    "warp_specialize": (True, False),
+}
+
+#: Streaming multiprocessors of the GPUs kla-tl targets (H100 SXM, H200, A100: 132/132/108); used only by the
+#: untuned default to pick block_v so that the grid covers the chip.
+_SM_GUESS = 132
+
+
+def _wide(key) -> bool:
+    return max(key["K"], key["V"]) > 128
+
+
+def prepare_default(arch: str, key: dict) -> dict:
+    return {"threads": 256 if _wide(key) else 128}
+
+
+def _padded(key) -> bool:
+    return key["K"] % 64 != 0
+
+
+def scan_default(arch: str, key: dict, n_seq: int = 8) -> dict:
+    """Untuned default: block_v 64 unless the grid would leave SMs idle; one warpgroup unless K is large; two
+    pipeline stages with warp specialization on Hopper where shared memory and the layout allow."""
+    ctas = n_seq * key["HV"] * math.ceil(key["V"] / 64)
+    block_v = 64 if ctas >= _SM_GUESS else 32
+    ws = arch == "sm_90a" and not _padded(key)
+    stages = 2 if ws and key["K"] <= 128 else 1
+    return {"block_v": block_v, "threads": 256 if key["K"] > 128 else 128, "num_stages": stages,
+            "warp_specialize": ws}
+
+
+def scan_valid(arch: str, key: dict, sch: dict) -> bool:
+    if arch == "sm_80" and (sch["num_stages"] != 1 or sch["warp_specialize"]):
+        return False
+    if sch["warp_specialize"] and _padded(key):
+        return False
+    if not sch["warp_specialize"] and sch["num_stages"] != 1:
+        return False      # cp.async pipelining with a runtime trip count breaks TileLang 0.1.15 codegen
+    if sch["block_v"] > key["V"]:
+        return False
+    return True
+
+
+def bucket(key: dict) -> str:
+    return f"K{key['K']}_V{key['V']}_{key['dtype']}"
+
+
+def _target(arch: str, run_on_hopper: bool):
+    target, pcs = target_for(arch, run_on_hopper)
+    return json.dumps(target, sort_keys=True), tuple(sorted(pcs.items()))
+
+
+def build_prepare(arch: str, key: dict, schedule: dict, *, run_on_hopper: bool = False, scale=None, eps=1e-6):
+    from .chunk_prepare import build_chunk_prepare
+
+    target, pcs = _target(arch, run_on_hopper)
+    return build_chunk_prepare(H=key["H"], HV=key["HV"], K=key["K"], V=key["V"], in_dtype=key["dtype"],
+                               normalize_q=bool(key.get("normalize_q", False)),
+                               scale=float(key["K"] ** -0.5 if scale is None else scale), eps=float(eps),
+                               threads=schedule["threads"], target=target, pass_configs=pcs)
+
+
+def build_scan(arch: str, key: dict, schedule: dict, *, run_on_hopper: bool = False, scale=None, eps=1e-6):
+    from .chunk_scan import build_chunk_scan
+
+    target, pcs = _target(arch, run_on_hopper)
+    if not schedule.get("warp_specialize", True):
+        pcs = tuple(sorted(dict(pcs, **{"tl.disable_warp_specialized": True}).items()))
+    return build_chunk_scan(H=key["H"], HV=key["HV"], K=key["K"], V=key["V"], in_dtype=key["dtype"],
+                            normalize_q=bool(key.get("normalize_q", False)),
+                            scale=float(key["K"] ** -0.5 if scale is None else scale), eps=float(eps),
+                            use_h0=bool(key.get("use_h0", False)), store_ht=bool(key.get("store_ht", True)),
+                            block_v=schedule["block_v"], threads=schedule["threads"],
+                            num_stages=schedule["num_stages"], target=target, pass_configs=pcs)
+
+
+def _key(H, HV, K, V, dtype="bfloat16", normalize_q=True, use_h0=False, store_ht=True):
+    return {"H": H, "HV": HV, "K": K, "V": V, "dtype": dtype, "normalize_q": normalize_q, "use_h0": use_h0,
+            "store_ht": store_ht}
+
+
+#: Shapes `kla-tl compile` builds: the benchmark head dims and the published model's.
+EXAMPLE_KEYS = [_key(16, 16, 128, 128), _key(12, 12, 96, 192), _key(16, 32, 64, 64), _key(8, 8, 256, 256)]
+
+PREPARE = register(KernelSpec(name="chunk_prepare", space=PREPARE_SPACE, default=prepare_default, bucket=bucket,
+                              build=build_prepare, example_keys=EXAMPLE_KEYS))
+SCAN = register(KernelSpec(name="chunk_scan", space=SCAN_SPACE, default=scan_default, bucket=bucket,
+                           build=build_scan, example_keys=EXAMPLE_KEYS, valid=scan_valid))

@@ -1,0 +1,178 @@
+"""Chunk preparation: the parallel half of the KLA chunkwise forward (KLA.md section 5, steps 1-5 and the intra-chunk
+part of step 7), with the KLA step fused in the well-conditioned form (KLA.md section 4).
+
+Per chunk of C = 64 tokens and value head ``hv`` (q/k head ``hk = hv // (HV // H)``)::
+
+    r_i      = sqrt(||k_i||^2 + eps)          fp32, from the raw keys
+    k^_i     = k_i / r_i                      (|k^| < 1)
+    gamma    = chunk-local cumsum of max(g, G_FLOOR)
+    A        = StrictLower(diag(eta) K^ K^^T * Gam),  Gam_ij = exp(gamma_i - gamma_j)
+    L        = (I + A)^-1                     fp32 forward substitution, one thread per column (registers)
+    w        = L diag(eta e^gamma) K^         -> w    [1, TT, HV, K]
+    u        = L diag(eta / r) V              -> u    [1, TT, HV, V]
+    Aqk      = scale (q^ K^^T) * Gam (i >= j) -> aqk  [1, TT, HV, C]
+    gamma                                     -> gcum [1, TT, HV] fp32
+    1/r, 1/|q| (per q/k head)                 -> rk, rq [1, TT, H] fp32 (rq only with normalize_q)
+
+Every operand stays O(1): beta = eta / r^2 is never formed (the gain 1/r sits in u, in fp32 until the GEMM).
+Inputs are packed (B = 1, TT tokens); ``chunks[c] = (first token, end of its sequence)`` drives the grid
+``(NC, HV)``, so empty and short sequences, tails and dense batches share one kernel. Rows past a sequence end are
+loaded as zeros and never stored. Schedule knob: ``threads``.
+"""
+
+
+import functools
+
+import tilelang
+import tilelang.language as T
+
+from ._tl import G_FLOOR, LOG2E
+
+#: Chunk length (fixed: the solve and the tiles are built for 64 rows).
+C = 64
+
+
+@functools.lru_cache(maxsize=None)
+def build_chunk_prepare(*, H: int, HV: int, K: int, V: int, in_dtype: str, normalize_q: bool, scale: float,
+                        eps: float, threads: int, target: str, pass_configs: tuple = ()):
+    """Compile the chunk-preparation kernel (no GPU needed). ``target`` is a JSON target string."""
+    import json
+
+    G = HV // H
+    KP = -(-K // 64) * 64          # K padded to the wgmma/mma tile (K = 48, 96 -> 64, 128); pad columns are zeros
+    acc = "float32"
+    st = in_dtype
+    TT = T.dynamic("TT")
+    NC = T.dynamic("NC")
+
+    @T.prim_func
+    def chunk_prepare(
+        q: T.Tensor([1, TT, H, K], in_dtype),
+        k: T.Tensor([1, TT, H, K], in_dtype),
+        v: T.Tensor([1, TT, HV, V], in_dtype),
+        g: T.Tensor([1, TT, HV], "float32"),
+        eta: T.Tensor([1, TT, HV], "float32"),
+        chunks: T.Tensor([NC, 2], "int32"),
+        w: T.Tensor([1, TT, HV, K], st),
+        u: T.Tensor([1, TT, HV, V], st),
+        aqk: T.Tensor([1, TT, HV, C], st),
+        gcum: T.Tensor([1, TT, HV], "float32"),
+        rq: T.Tensor([1, TT, H], "float32"),
+        rk: T.Tensor([1, TT, H], "float32"),
+    ):
+        with T.Kernel(NC, HV, threads=threads) as (ic, hv):
+            hk = hv // G
+            t0 = chunks[ic, 0]
+            eos = chunks[ic, 1]
+
+            k_s = T.alloc_shared((C, KP), st)          # raw k, then k^
+            y_s = T.alloc_shared((C, KP), st)          # diag(eta e^gamma) K^, then q^
+            x_s = T.alloc_shared((C, V), st)          # diag(eta / r) V
+            lb_s = T.alloc_shared((C, C), st)         # L in the GEMM dtype
+            a_s = T.alloc_shared((C, C), acc)         # A (fp32)
+            g_s = T.alloc_shared((C,), acc)
+            gam_s = T.alloc_shared((C,), acc)
+            eta_s = T.alloc_shared((C,), acc)
+            rinv_s = T.alloc_shared((C,), acc)
+
+            kf = T.alloc_fragment((C, KP), acc)
+            ksq = T.alloc_fragment((C, KP), acc)
+            dsum = T.alloc_fragment((C,), acc)
+            gram = T.alloc_fragment((C, C), acc)
+            w_f = T.alloc_fragment((C, KP), acc)
+            u_f = T.alloc_fragment((C, V), acc)
+            vf = T.alloc_fragment((C, V), acc)
+            qf = T.alloc_fragment((C, KP), acc)
+            qsq = T.alloc_fragment((C, KP), acc)
+            qsum = T.alloc_fragment((C,), acc)
+            s_f = T.alloc_fragment((C, C), acc)
+            lcol = T.alloc_local((C,), acc)
+
+            # masked loads: rows past the sequence end are zeros
+            for i, d in T.Parallel(C, KP):
+                k_s[i, d] = T.if_then_else(t0 + i < eos and d < K, k[0, t0 + i, hk, d], T.cast(0, in_dtype))
+            for i in T.Parallel(C):
+                g_s[i] = T.if_then_else(t0 + i < eos, T.max(g[0, t0 + i, hv], G_FLOOR), 0.0)
+                eta_s[i] = T.if_then_else(t0 + i < eos, eta[0, t0 + i, hv], 0.0)
+
+            # gamma = cumsum(g) (chunk-local)
+            T.copy(g_s, gam_s)
+            T.cumsum(gam_s, dim=0)
+            for i in T.Parallel(C):
+                if t0 + i < eos:
+                    gcum[0, t0 + i, hv] = gam_s[i]
+
+            # r_i = sqrt(||k_i||^2 + eps) in fp32;  k^ = k / r
+            T.copy(k_s, kf)
+            for i, d in T.Parallel(C, KP):
+                ksq[i, d] = kf[i, d] * kf[i, d]
+            T.reduce_sum(ksq, dsum, dim=1)
+            for i in T.Parallel(C):
+                rinv_s[i] = T.rsqrt(dsum[i] + eps)
+            if hv % G == 0:
+                for i in T.Parallel(C):
+                    if t0 + i < eos:
+                        rk[0, t0 + i, hk] = rinv_s[i]
+            for i, d in T.Parallel(C, KP):
+                kf[i, d] = kf[i, d] * rinv_s[i]
+            T.copy(kf, k_s)
+
+            # A = StrictLower(diag(eta) K^ K^^T * Gam)
+            T.gemm(k_s, k_s, gram, transpose_B=True, clear_accum=True)
+            for i, j in T.Parallel(C, C):
+                a_s[i, j] = T.if_then_else(
+                    i > j, eta_s[i] * gram[i, j] * T.exp2((gam_s[i] - gam_s[j]) * LOG2E), 0.0)
+
+            # L = (I + A)^-1 by forward substitution. Columns are independent: thread j < C owns column j in
+            # registers, L[i, j] = [i == j] - sum_{m < i} A[i, m] L[m, j] (zero above the diagonal by induction).
+            # Fully unrolled: register indices are compile-time and A[i, m] is a shared-memory broadcast.
+            tx = T.get_thread_binding()
+            if tx < C:
+                for i in T.unroll(C):
+                    lcol[i] = T.if_then_else(i == tx, 1.0, 0.0)
+                    for m in T.unroll(C):
+                        if m < i:
+                            lcol[i] = lcol[i] - a_s[i, m] * lcol[m]
+                for i in T.unroll(C):
+                    lb_s[i, tx] = lcol[i]
+
+            # w = L diag(eta e^gamma) K^
+            for i, d in T.Parallel(C, KP):
+                y_s[i, d] = eta_s[i] * T.exp2(gam_s[i] * LOG2E) * kf[i, d]
+            T.gemm(lb_s, y_s, w_f, clear_accum=True)
+            for i, d in T.Parallel(C, KP):
+                if t0 + i < eos and d < K:
+                    w[0, t0 + i, hv, d] = w_f[i, d]
+
+            # u = L diag(eta / r) V   (the KLA gain 1/r applied in fp32)
+            for i, d in T.Parallel(C, V):
+                vf[i, d] = T.if_then_else(t0 + i < eos, v[0, t0 + i, hv, d], T.cast(0, in_dtype))
+            for i, d in T.Parallel(C, V):
+                x_s[i, d] = eta_s[i] * rinv_s[i] * vf[i, d]
+            T.gemm(lb_s, x_s, u_f, clear_accum=True)
+            for i, d in T.Parallel(C, V):
+                if t0 + i < eos:
+                    u[0, t0 + i, hv, d] = u_f[i, d]
+
+            # Aqk = scale (q^ K^^T) * Gam, lower triangle including the diagonal
+            for i, d in T.Parallel(C, KP):
+                qf[i, d] = T.if_then_else(t0 + i < eos and d < K, q[0, t0 + i, hk, d], T.cast(0, in_dtype))
+            if normalize_q:
+                for i, d in T.Parallel(C, KP):
+                    qsq[i, d] = qf[i, d] * qf[i, d]
+                T.reduce_sum(qsq, qsum, dim=1)
+                for i, d in T.Parallel(C, KP):
+                    y_s[i, d] = qf[i, d] * T.rsqrt(qsum[i] + 1e-6)
+                if hv % G == 0:
+                    for i in T.Parallel(C):
+                        if t0 + i < eos:
+                            rq[0, t0 + i, hk] = T.rsqrt(qsum[i] + 1e-6)
+            else:
+                T.copy(qf, y_s)
+            T.gemm(y_s, k_s, s_f, transpose_B=True, clear_accum=True)
+            for i, j in T.Parallel(C, C):
+                if t0 + i < eos:
+                    aqk[0, t0 + i, hv, j] = T.if_then_else(
+                        i >= j, scale * s_f[i, j] * T.exp2((gam_s[i] - gam_s[j]) * LOG2E), 0.0)
+
+    return tilelang.compile(chunk_prepare, target=json.loads(target), pass_configs=dict(pass_configs))

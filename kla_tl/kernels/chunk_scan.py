@@ -1,0 +1,137 @@
+"""Chunk state scan fused with the output: the sequential half of the KLA chunkwise forward (KLA.md section 5, steps
+6-7), consuming what :mod:`kla_tl.kernels.chunk_prepare` wrote.
+
+Grid ``(ceil(V / block_v), N, HV)``: one CTA owns columns ``[iv * block_v, (iv + 1) * block_v)`` of one sequence's
+state for value head ``hv`` (columns of S evolve independently) and walks the sequence's chunks in order::
+
+    h_s    = bf16(S)                                      (the GEMM operand; S itself stays fp32 in registers)
+    N      = U - W h_s                                    rows past the sequence end forced to 0
+    O      = (scale e^gamma q^) h_s + Aqk N               -> o
+    S      = e^{gamma_n} S + (K^ e^{gamma_n - gamma})^T N
+
+The raw bf16 q and k tiles are the GEMM operands: the row scalings of q^ (1/|q|, e^gamma, scale) and of K^
+(1/r, e^{gamma_n - gamma}) are applied to the GEMM output (Q S) and to N instead, from ``rq``, ``rk`` (per q/k head)
+and ``gcum`` written by the preparation kernel. The state is read from ``h0`` (optional) and written to ``ht`` (optional),
+fp32 ``[N, HV, K, V]``. Schedule knobs: ``block_v``, ``threads``, ``num_stages`` (software pipelining of the chunk
+loads; the Ampere cp.async path must use 1 with a runtime trip count, TILELANG.md section 7).
+"""
+
+import functools
+
+import tilelang
+import tilelang.language as T
+
+from ._tl import LOG2E
+
+C = 64
+
+
+@functools.lru_cache(maxsize=None)
+def build_chunk_scan(*, H: int, HV: int, K: int, V: int, in_dtype: str, normalize_q: bool, scale: float, eps: float,
+                     use_h0: bool, store_ht: bool, block_v: int, threads: int, num_stages: int, target: str,
+                     pass_configs: tuple = ()):
+    """Compile the scan+output kernel (no GPU needed). ``target`` is a JSON target string."""
+    import json
+
+    G = HV // H
+    KP = -(-K // 64) * 64          # K padded to the wgmma/mma tile; pad columns of q, k, w (and rows of S) are zeros
+    acc = "float32"
+    st = in_dtype
+    TT = T.dynamic("TT")
+    N = T.dynamic("N")
+    NV = (V + block_v - 1) // block_v
+
+    @T.prim_func
+    def chunk_scan(
+        q: T.Tensor([1, TT, H, K], in_dtype),
+        k: T.Tensor([1, TT, H, K], in_dtype),
+        w: T.Tensor([1, TT, HV, K], st),
+        u: T.Tensor([1, TT, HV, V], st),
+        aqk: T.Tensor([1, TT, HV, C], st),
+        gcum: T.Tensor([1, TT, HV], "float32"),
+        rq: T.Tensor([1, TT, H], "float32"),
+        rk: T.Tensor([1, TT, H], "float32"),
+        seqs: T.Tensor([N, 2], "int32"),
+        h0: T.Tensor([N, HV, K, V], "float32"),
+        o: T.Tensor([1, TT, HV, V], in_dtype),
+        ht: T.Tensor([N, HV, K, V], "float32"),
+    ):
+        with T.Kernel(NV, N, HV, threads=threads) as (iv, n, hv):
+            hk = hv // G
+            v0 = iv * block_v
+            bos = seqs[n, 0]
+            eos = seqs[n, 1]
+
+            q_s = T.alloc_shared((C, KP), in_dtype)
+            k_s = T.alloc_shared((C, KP), in_dtype)
+            w_s = T.alloc_shared((C, KP), st)
+            u_s = T.alloc_shared((C, block_v), st)
+            a_s = T.alloc_shared((C, C), st)
+            vn_s = T.alloc_shared((C, block_v), st)
+            vd_s = T.alloc_shared((C, block_v), st)
+            h_s = T.alloc_shared((KP, block_v), st)
+            gam_s = T.alloc_shared((C,), acc)
+            rq_s = T.alloc_shared((C,), acc)
+            rk_s = T.alloc_shared((C,), acc)
+
+            h_f = T.alloc_fragment((KP, block_v), acc)
+            wh_f = T.alloc_fragment((C, block_v), acc)
+            o_f = T.alloc_fragment((C, block_v), acc)
+
+            if use_h0:
+                for i, j in T.Parallel(KP, block_v):
+                    h_f[i, j] = T.if_then_else(i < K and v0 + j < V, h0[n, hv, i, v0 + j], 0.0)
+            else:
+                T.clear(h_f)
+
+            for c in T.Pipelined(T.ceildiv(eos - bos, C), num_stages=num_stages):
+                t0 = bos + c * C
+                if KP == K:
+                    T.copy(q[0, t0:t0 + C, hk, :], q_s)
+                    T.copy(k[0, t0:t0 + C, hk, :], k_s)
+                    T.copy(w[0, t0:t0 + C, hv, :], w_s)
+                else:
+                    for i, d in T.Parallel(C, KP):
+                        q_s[i, d] = T.if_then_else(t0 + i < eos and d < K, q[0, t0 + i, hk, d], T.cast(0, in_dtype))
+                        k_s[i, d] = T.if_then_else(t0 + i < eos and d < K, k[0, t0 + i, hk, d], T.cast(0, in_dtype))
+                        w_s[i, d] = T.if_then_else(t0 + i < eos and d < K, w[0, t0 + i, hv, d], T.cast(0, st))
+                T.copy(u[0, t0:t0 + C, hv, v0:v0 + block_v], u_s)
+                T.copy(aqk[0, t0:t0 + C, hv, :], a_s)
+                # strides of H*4 / HV*4 bytes are not TMA-aligned: plain (cp.async) copies
+                T.copy(gcum[0, t0:t0 + C, hv], gam_s, disable_tma=True)
+                T.copy(rk[0, t0:t0 + C, hk], rk_s, disable_tma=True)
+                if normalize_q:
+                    T.copy(rq[0, t0:t0 + C, hk], rq_s, disable_tma=True)
+                nl = T.min(eos - t0, C) - 1              # last valid row: gamma_n = gam_s[nl]
+
+                T.copy(h_f, h_s)
+                # N = U - W S  (rows past the sequence end forced to 0)
+                T.gemm(w_s, h_s, wh_f, clear_accum=True)
+                for i, j in T.Parallel(C, block_v):
+                    wh_f[i, j] = T.if_then_else(t0 + i < eos, u_s[i, j] - wh_f[i, j], 0.0)
+                for i, j in T.Parallel(C, block_v):
+                    vn_s[i, j] = wh_f[i, j]
+                    # the keys' row scaling 1/r e^{gamma_n - gamma} is applied to N instead of K
+                    vd_s[i, j] = wh_f[i, j] * (rk_s[i] * T.exp2((gam_s[nl] - gam_s[i]) * LOG2E))
+                # O = diag(scale e^gamma / |q|) (Q S) + Aqk N
+                T.gemm(q_s, h_s, o_f, clear_accum=True)
+                for i, j in T.Parallel(C, block_v):
+                    if normalize_q:
+                        o_f[i, j] = o_f[i, j] * (scale * rq_s[i] * T.exp2(gam_s[i] * LOG2E))
+                    else:
+                        o_f[i, j] = o_f[i, j] * (scale * T.exp2(gam_s[i] * LOG2E))
+                T.gemm(a_s, vn_s, o_f)
+                for i, j in T.Parallel(C, block_v):
+                    if t0 + i < eos and v0 + j < V:
+                        o[0, t0 + i, hv, v0 + j] = o_f[i, j]
+                # S = e^{gamma_n} S + K^T diag(e^{gamma_n - gamma} / r) N
+                for i, j in T.Parallel(KP, block_v):
+                    h_f[i, j] = h_f[i, j] * T.exp2(gam_s[nl] * LOG2E)
+                T.gemm(k_s, vd_s, h_f, transpose_A=True)
+
+            if store_ht:
+                for i, j in T.Parallel(KP, block_v):
+                    if i < K and v0 + j < V:
+                        ht[n, hv, i, v0 + j] = h_f[i, j]
+
+    return tilelang.compile(chunk_scan, target=json.loads(target), pass_configs=dict(pass_configs))

@@ -1,0 +1,239 @@
+"""``chunk_kla`` as two registered torch operators, so ``torch.compile(fullgraph=True)`` traces it without a break.
+
+Where it sits: :func:`kla_tl.chunk_kla` validates its arguments (:func:`check_chunk_inputs`), then calls
+:func:`chunk_kla_op`, which calls the operators below. Each operator picks its backend when it runs, on real
+tensors, so nothing inside it is ever traced:
+
+- ``kla_tl::chunk_fwd`` -- the forward. CUDA tensors of a problem the kernels serve run the TileLang kernels
+  (:func:`kla_tl.chunk.chunk_fwd`); everything else runs :func:`kla_tl.reference.chunk_kla_reference` (a CUDA
+  call that falls back warns once).
+- ``kla_tl::chunk_bwd`` -- the backward: gradients of q, k, v, g, eta and initial_state. Today it recomputes the
+  forward through the reference with autograd, in float32 (float64 for float64 inputs); TileLang backward kernels
+  slot in behind the same signature.
+
+Each has a fake (meta) implementation that derives output shapes and dtypes from input metadata alone, and
+``kla_tl::chunk_fwd`` has an autograd formula (``torch.library.register_autograd``) that calls
+``kla_tl::chunk_bwd``. Custom operators cannot return None, so an absent state (``output_final_state=False``,
+or the gradient of an absent ``initial_state``) is an empty ``[0, HV, K, V]`` placeholder that
+:func:`chunk_kla_op` and the autograd formula turn back into None.
+
+Schemas (tensors positional, options keyword-only)::
+
+    kla_tl::chunk_fwd(q, k, v, g, eta, initial_state?, cu_seqlens?, *, scale, eps, normalize_q,
+                      output_final_state) -> (o [B, T, HV, V] q.dtype, final_state [N | 0, HV, K, V])
+    kla_tl::chunk_bwd(q, k, v, g, eta, initial_state?, cu_seqlens?, do, dht?, *, scale, eps, normalize_q)
+                      -> (dq, dk, dv, dg, deta, dh0 [N | 0, HV, K, V]), each in its input's shape and dtype
+
+Host reads: validating ``cu_seqlens`` reads its values on the host. Under ``torch.compile`` that read would be
+data-dependent (``fullgraph=True`` fails), so while tracing :func:`check_chunk_inputs` leaves ``cu_seqlens`` and
+``initial_state``'s N to the operators, which run the same checks (same messages) on the real tensors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+
+from . import dispatch
+from .conventions import check_inputs, state_dtype_for
+from .reference import chunk_kla_reference
+
+#: Name used in error messages and warnings raised inside the operators (the public entry point's name).
+FN = "chunk_kla"
+#: Positional (tensor) arguments of ``kla_tl::chunk_fwd``, in order: the grad-name <-> position map.
+INPUT_NAMES = ("q", "k", "v", "g", "eta", "initial_state", "cu_seqlens")
+#: Outputs of ``kla_tl::chunk_bwd``, in order: one gradient per differentiable input (cu_seqlens is not one).
+GRAD_NAMES = INPUT_NAMES[:6]
+#: The autograd dispatch keys (a set of one per-backend key removes the Autograd functionality for every backend)
+#: and ADInplaceOrView: what an operator's implementation runs without (see _autograd_inside_operator).
+_AUTOGRAD_KEYS = (torch._C.DispatchKeySet(torch._C.DispatchKey.AutogradCPU)
+                  | torch._C.DispatchKeySet(torch._C.DispatchKey.AutogradOther)
+                  | torch._C.DispatchKeySet(torch._C.DispatchKey.AutogradNestedTensor)
+                  | torch._C.DispatchKeySet(torch._C.DispatchKey.ADInplaceOrView))
+
+
+def _absent_state(q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The empty ``[0, HV, K, V]`` stand-in for a state (or state gradient) that is not there."""
+    return q.new_empty(0, v.shape[2], q.shape[3], v.shape[3], dtype=state_dtype_for(q.dtype))
+
+
+def _num_seqs(q: torch.Tensor, initial_state: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor]):
+    """N from metadata only (fake tensors have no values): initial_state's rows, else len(cu_seqlens) - 1, else B."""
+    if initial_state is not None:
+        return initial_state.shape[0]
+    if cu_seqlens is not None:
+        return cu_seqlens.shape[0] - 1
+    return q.shape[0]
+
+
+@contextlib.contextmanager
+def _autograd_inside_operator():
+    """Grad mode plus the autograd dispatch keys, inside an operator's implementation.
+
+    An operator's implementation runs below the autograd key: the dispatcher's thread-local exclude set holds the
+    autograd keys, so ``torch.enable_grad()`` alone records nothing. ``torch.func.vjp`` avoids that but fails when
+    the operator runs inside a ``__torch_dispatch__`` mode (opcheck's schema and fake-tensor checks, FlopCounterMode):
+    its wrapper tensors reach the backend kernels. So lift the exclusion of the autograd keys (and ADInplaceOrView,
+    which autograd needs for views) for the duration, leaving every other key as the dispatcher set it. Private
+    torch API (torch._C); tests/test_ops.py runs opcheck on kla_tl::chunk_bwd to catch a change.
+    """
+    exclude = torch._C._dispatch_tls_local_exclude_set() - _AUTOGRAD_KEYS
+    with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude), torch.enable_grad():
+        yield
+
+
+# --------------------------------------------------------------------------------------------------- forward
+
+
+@torch.library.custom_op("kla_tl::chunk_fwd", mutates_args=())
+def chunk_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, eta: torch.Tensor,
+                 initial_state: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor], *, scale: float,
+                 eps: float, normalize_q: bool, output_final_state: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chunkwise KLA forward on real tensors: TileLang kernels where they serve the call, else the reference.
+
+    Arguments as :func:`kla_tl.chunk_kla`, with ``scale`` resolved (``K ** -0.5`` by default) by the caller.
+    Returns ``(o, final_state)``; final_state is the empty placeholder when ``output_final_state`` is False.
+    """
+    # The operator re-derives (problem, host cu_seqlens) itself: it needs them to plan the launch, and under
+    # torch.compile this is where cu_seqlens is first validated (see check_chunk_inputs).
+    prob, cu = check_inputs(FN, q, k, v, g, eta, scale=scale, eps=eps, normalize_q=normalize_q,
+                            initial_state=initial_state, cu_seqlens=cu_seqlens)
+    from .chunk import chunk_fwd as kernel_fwd, chunk_refusal  # local, as in api.py: no kernel code at import
+
+    # needs_grad=False: the backward is kla_tl::chunk_bwd's business, so only the forward is asked for here.
+    reason = chunk_refusal(prob, q.device, needs_grad=False)
+    if reason is None:
+        o, ht = kernel_fwd(q, k, v, g, eta, prob=prob, cu=cu, scale=scale, eps=eps, normalize_q=normalize_q,
+                           initial_state=initial_state, output_final_state=output_final_state)
+    else:
+        if q.device.type == "cuda":
+            dispatch.warn_once(FN, reason)
+        with torch.no_grad():
+            o, ht = chunk_kla_reference(q, k, v, g, eta, scale=scale, eps=eps, normalize_q=normalize_q,
+                                        initial_state=initial_state, output_final_state=output_final_state,
+                                        cu_seqlens=cu_seqlens)
+    # Outputs are fresh, dense tensors (what the fake implementation promises).
+    return o.contiguous(), (ht.contiguous() if ht is not None else _absent_state(q, v))
+
+
+@chunk_fwd_op.register_fake
+def _chunk_fwd_fake(q, k, v, g, eta, initial_state, cu_seqlens, *, scale, eps, normalize_q, output_final_state):
+    B, T, _, K = q.shape
+    HV, V = v.shape[2], v.shape[3]
+    o = q.new_empty(B, T, HV, V)
+    if not output_final_state:
+        return o, _absent_state(q, v)
+    return o, q.new_empty(_num_seqs(q, initial_state, cu_seqlens), HV, K, V, dtype=state_dtype_for(q.dtype))
+
+
+# -------------------------------------------------------------------------------------------------- backward
+
+
+@torch.library.custom_op("kla_tl::chunk_bwd", mutates_args=())
+def chunk_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, eta: torch.Tensor,
+                 initial_state: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor], do: torch.Tensor,
+                 dht: Optional[torch.Tensor], *, scale: float, eps: float, normalize_q: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of the chunkwise KLA forward: ``(dq, dk, dv, dg, deta, dh0)``, in :data:`GRAD_NAMES` order.
+
+    Args:
+        q, k, v, g, eta, initial_state, cu_seqlens, scale, eps, normalize_q: the forward's inputs.
+        do: ``[B, T, HV, V]`` gradient of o (o's dtype).
+        dht: ``[N, HV, K, V]`` gradient of the final state, or None (the state was not an output).
+
+    Returns:
+        Each gradient in its input's shape and dtype, dense; dh0 is the empty placeholder without initial_state.
+
+    Today: recomputation through :func:`chunk_kla_reference` with autograd (float32 arithmetic, float64 for
+    float64 inputs). A CUDA call warns once that it runs on the reference.
+    """
+    if q.device.type == "cuda":
+        dispatch.warn_once(FN, "backward recomputes through the torch reference (no TileLang backward kernel yet)")
+    has_h0, has_dht = initial_state is not None, dht is not None
+    with _autograd_inside_operator():
+        xs = [x.detach().requires_grad_(True) for x in (q, k, v, g, eta) + ((initial_state,) if has_h0 else ())]
+        o, ht = chunk_kla_reference(*xs[:5], scale=scale, eps=eps, normalize_q=normalize_q,
+                                    initial_state=xs[5] if has_h0 else None, output_final_state=has_dht,
+                                    cu_seqlens=cu_seqlens)
+        pairs = [(out, cot) for out, cot in ((o, do), (ht, dht)) if cot is not None and out.requires_grad]
+        grads = (torch.autograd.grad([p[0] for p in pairs], xs, [p[1] for p in pairs], allow_unused=True)
+                 if pairs else (None,) * len(xs))
+    # With T = 0 no output depends on q, k, v, g, eta (nor on anything without an initial state): zero gradients.
+    grads = tuple(torch.zeros(x.shape, dtype=x.dtype, device=x.device) if gr is None else gr.contiguous()
+                  for x, gr in zip(xs, grads))
+    return grads if has_h0 else (*grads, _absent_state(q, v))
+
+
+@chunk_bwd_op.register_fake
+def _chunk_bwd_fake(q, k, v, g, eta, initial_state, cu_seqlens, do, dht, *, scale, eps, normalize_q):
+    grads = tuple(torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v, g, eta))
+    dh0 = (torch.empty(initial_state.shape, dtype=initial_state.dtype, device=initial_state.device)
+           if initial_state is not None else _absent_state(q, v))
+    return (*grads, dh0)
+
+
+# -------------------------------------------------------------------------------------------------- autograd
+
+
+def _setup_context(ctx, inputs, keyword_only_inputs, output):
+    ctx.save_for_backward(*inputs)  # q, k, v, g, eta, initial_state, cu_seqlens (None entries allowed)
+    ctx.scale = keyword_only_inputs["scale"]
+    ctx.eps = keyword_only_inputs["eps"]
+    ctx.normalize_q = keyword_only_inputs["normalize_q"]
+    ctx.output_final_state = keyword_only_inputs["output_final_state"]
+
+
+def grads_to_inputs(grads: tuple, needs_input_grad: tuple) -> tuple:
+    """Map ``kla_tl::chunk_bwd``'s outputs (:data:`GRAD_NAMES` order) onto ``kla_tl::chunk_fwd``'s positional
+    inputs (:data:`INPUT_NAMES` order): None where an input needs no gradient, and always for cu_seqlens."""
+    by_name = dict(zip(GRAD_NAMES, grads))
+    return tuple(by_name[n] if (n in by_name and need) else None for n, need in zip(INPUT_NAMES, needs_input_grad))
+
+
+def _backward(ctx, do, dht):
+    q, k, v, g, eta, h0, cu = ctx.saved_tensors
+    if do is None:  # o unused (autograd normally materializes zeros; be safe under other callers)
+        do = q.new_zeros(q.shape[0], q.shape[1], v.shape[2], v.shape[3])
+    if not ctx.output_final_state:
+        dht = None  # the placeholder state carries no gradient
+    grads = torch.ops.kla_tl.chunk_bwd(q, k, v, g, eta, h0, cu, do, dht, scale=ctx.scale, eps=ctx.eps,
+                                       normalize_q=ctx.normalize_q)
+    return grads_to_inputs(grads, ctx.needs_input_grad)
+
+
+chunk_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ------------------------------------------------------------------------------------------------ entry points
+
+
+def check_chunk_inputs(q, k, v, g, eta, *, scale, eps, normalize_q, initial_state, cu_seqlens) -> None:
+    """``conventions.check_inputs`` for ``chunk_kla``, made traceable by ``torch.compile(fullgraph=True)``.
+
+    Eagerly this is the full check. While torch.compile traces a call with ``cu_seqlens``, reading its values on
+    the host is a data-dependent operation (``fullgraph=True`` fails with "Could not guard on data-dependent
+    expression"), so only the checks that need no values run here (shapes, dtypes, devices, options);
+    ``cu_seqlens`` and ``initial_state`` (whose N comes from cu_seqlens) are checked, with the same messages, by
+    ``kla_tl::chunk_fwd`` when the compiled graph runs it.
+    """
+    if cu_seqlens is not None and torch.compiler.is_compiling():
+        check_inputs(FN, q, k, v, g, eta, scale=scale, eps=eps, normalize_q=normalize_q)
+        return
+    check_inputs(FN, q, k, v, g, eta, scale=scale, eps=eps, normalize_q=normalize_q, initial_state=initial_state,
+                 cu_seqlens=cu_seqlens)
+
+
+def chunk_kla_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, eta: torch.Tensor, *,
+                 scale: Optional[float], eps: float, normalize_q: bool, initial_state: Optional[torch.Tensor],
+                 output_final_state: bool, cu_seqlens: Optional[torch.Tensor]):
+    """Run validated ``chunk_kla`` arguments through ``kla_tl::chunk_fwd`` (differentiable, traceable).
+
+    Arguments and results as :func:`kla_tl.chunk_kla`; call :func:`check_chunk_inputs` first. Resolves the default
+    scale (``K ** -0.5``) and turns the placeholder state back into None.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    o, ht = torch.ops.kla_tl.chunk_fwd(q, k, v, g, eta, initial_state, cu_seqlens, scale=scale, eps=float(eps),
+                                       normalize_q=normalize_q, output_final_state=output_final_state)
+    return o, (ht if output_final_state else None)

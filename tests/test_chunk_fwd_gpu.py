@@ -1,0 +1,128 @@
+"""GPU tests of the chunkwise forward kernels (both code paths) against the float64 reference and fla's Triton kernel.
+
+Every case draws fresh inputs, NaN-poisons every buffer the library allocates, and compares o and the final state
+with the float64 chunk reference by the norm-relative error (tolerances from ``helpers.TOL``).
+"""
+
+import pytest
+import torch
+
+from helpers import assert_rel_close, make_inputs, tol_for
+
+import kla_tl
+from kla_tl.reference import chunk_kla_reference
+
+pytestmark = pytest.mark.gpu
+
+PATHS = ["sm_90a", "sm_80"]
+
+
+@pytest.fixture
+def path(request, monkeypatch):
+    """Select the code path (Ampere runs on Hopper with wgmma/TMA/WS disabled) and poison every torch.empty."""
+    arch = request.param
+    cap = torch.cuda.get_device_capability()
+    if arch == "sm_90a" and cap[0] != 9:
+        pytest.skip("the sm_90a path needs a Hopper GPU")
+    monkeypatch.setenv("KLA_TL_ARCH", arch)
+    empty = torch.empty
+
+    def poisoned(*args, **kwargs):
+        x = empty(*args, **kwargs)
+        if x.is_floating_point():
+            x.fill_(float("nan"))
+        return x
+
+    monkeypatch.setattr(torch, "empty", poisoned)
+    return arch
+
+
+def _check(inp, *, normalize_q=True, dtype=torch.bfloat16, output_final_state=True):
+    from kla_tl.chunk import chunk_refusal
+    from kla_tl.conventions import check_inputs
+
+    prob, _ = check_inputs("test", *inp.args(), normalize_q=normalize_q, **inp.kwargs())
+    assert chunk_refusal(prob, inp.q.device, needs_grad=False) is None, "kernels must serve this case"
+    before = inp.clone()
+    o, ht = kla_tl.chunk_kla(*inp.args(), normalize_q=normalize_q, output_final_state=output_final_state,
+                             **inp.kwargs())
+    torch.cuda.synchronize()
+    for name, x in inp:
+        assert torch.equal(x, getattr(before, name)), f"chunk_kla modified the caller's {name}"
+    ref = inp.to(torch.float64)
+    o_ref, ht_ref = chunk_kla_reference(*ref.args(), normalize_q=normalize_q, output_final_state=True,
+                                        **ref.kwargs())
+    assert torch.isfinite(o).all(), "o has non-finite entries"
+    assert_rel_close("o", o, o_ref, tol_for(dtype, "o"))
+    if output_final_state:
+        assert torch.isfinite(ht).all(), "final state has non-finite entries"
+        assert ht.dtype == torch.float32
+        assert_rel_close("ht", ht, ht_ref, tol_for(dtype, "ht"))
+    return o, ht
+
+
+@pytest.mark.parametrize("path", PATHS, indirect=True)
+@pytest.mark.parametrize("T", [1, 63, 64, 65, 1000])
+def test_tails_match_reference(path, T):
+    inp = make_inputs(2, T, 4, 4, 128, 128, torch.bfloat16, "cuda", with_h0=True)
+    _check(inp)
+
+
+@pytest.mark.parametrize("path", PATHS, indirect=True)
+def test_flags_off_no_initial_state(path):
+    inp = make_inputs(2, 200, 4, 4, 128, 128, torch.bfloat16, "cuda")
+    _check(inp, normalize_q=False)
+
+
+@pytest.mark.parametrize("path", PATHS, indirect=True)
+@pytest.mark.parametrize("K,V", [(64, 64), (256, 256), (96, 192)])
+def test_head_dims(path, K, V):
+    inp = make_inputs(2, 130, 2, 2, K, V, torch.bfloat16, "cuda", with_h0=True)
+    _check(inp)
+
+
+@pytest.mark.parametrize("path", PATHS, indirect=True)
+def test_varlen_gva_empty_and_short_sequences(path):
+    cu = [0, 0, 1, 1, 300, 301, 2000]
+    inp = make_inputs(1, 2000, 16, 32, 128, 128, torch.bfloat16, "cuda", cu_seqlens=cu, with_h0=True)
+    _check(inp)
+
+
+@pytest.mark.parametrize("path", PATHS, indirect=True)
+def test_float32_inputs(path):
+    inp = make_inputs(2, 200, 2, 2, 128, 128, torch.float32, "cuda", with_h0=True)
+    _check(inp, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("path", PATHS, indirect=True)
+@pytest.mark.parametrize("case", ["zero_rows", "norm_1e-3", "norm_1e3", "norm_spread", "gate_0", "gate_-30"])
+def test_adversarial_keys_and_gates(path, case):
+    key_norm = {"norm_1e-3": 1e-3, "norm_1e3": 1e3, "norm_spread": (1e-3, 1e3)}.get(case)
+    inp = make_inputs(2, 200, 4, 4, 128, 128, torch.bfloat16, "cuda", with_h0=True, key_norm=key_norm)
+    if case == "zero_rows":
+        inp.k[:, ::3] = 0
+    elif case == "gate_0":
+        inp.g.zero_()
+    elif case == "gate_-30":
+        inp.g[:, ::2] = -30.0
+    _check(inp)
+
+
+@pytest.mark.parametrize("path", PATHS, indirect=True)
+def test_long_sequence(path):
+    inp = make_inputs(1, 32768, 4, 4, 128, 128, torch.bfloat16, "cuda", with_h0=True)
+    _check(inp)
+
+
+@pytest.mark.parametrize("path", ["sm_90a"], indirect=True)
+def test_agrees_with_fla_triton(path, monkeypatch):
+    fla = pytest.importorskip("fla.ops.gated_delta_rule")
+    monkeypatch.setenv("FLA_DISABLE_BACKEND_DISPATCH", "1")
+    inp = make_inputs(2, 1000, 4, 8, 128, 128, torch.bfloat16, "cuda", with_h0=True)
+    o, ht = _check(inp)
+    q = kla_tl.reference.l2norm(inp.q.float()).to(inp.q.dtype)
+    beta = kla_tl.reference.beta_from_eta(inp.k, inp.eta.float())
+    o_fla, ht_fla = fla.chunk_gated_delta_rule(q, inp.k, inp.v, inp.g.float(), beta,
+                                               initial_state=inp.initial_state, output_final_state=True)
+    assert_rel_close("o vs fla", o, o_fla, tol_for(torch.bfloat16, "o"))
+    assert_rel_close("ht vs fla", ht, ht_fla, tol_for(torch.bfloat16, "ht"))

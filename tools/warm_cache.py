@@ -1,0 +1,55 @@
+"""Build, without a GPU, every chunk-forward kernel that the GPU tests and the forward benchmark launch, for the
+Hopper path and the Ampere-on-Hopper path, so that a GPU run loads them from ``TILELANG_CACHE_DIR`` instead of
+compiling.
+
+    TILELANG_CACHE_DIR=.tlcache python tools/warm_cache.py
+"""
+
+import sys
+import time
+
+import torch
+
+from kla_tl.chunk import build_kernels
+from kla_tl.conventions import Problem
+
+#: (B, T, H, HV, K, V, dtype, normalize_q, use_h0, N): the problems of tests/test_chunk_fwd_gpu.py and of the
+#: forward benchmark (N matters: the untuned default block_v depends on N * HV).
+CASES = [
+    (2, 100, 4, 4, 128, 128, torch.bfloat16, True, True, 2),
+    (2, 200, 4, 4, 128, 128, torch.bfloat16, False, False, 2),
+    (2, 130, 2, 2, 64, 64, torch.bfloat16, True, True, 2),
+    (2, 130, 2, 2, 256, 256, torch.bfloat16, True, True, 2),
+    (2, 130, 2, 2, 96, 192, torch.bfloat16, True, True, 2),
+    (1, 2000, 16, 32, 128, 128, torch.bfloat16, True, True, 6),
+    (2, 200, 2, 2, 128, 128, torch.float32, True, True, 2),
+    (1, 32768, 4, 4, 128, 128, torch.bfloat16, True, True, 1),
+    (2, 1000, 4, 8, 128, 128, torch.bfloat16, True, True, 2),
+    # benchmark shapes
+    (8, 4096, 16, 16, 128, 128, torch.bfloat16, True, False, 8),
+    (2, 16384, 16, 16, 128, 128, torch.bfloat16, True, False, 2),
+    (1, 32768, 32, 32, 128, 128, torch.bfloat16, True, False, 1),
+    (8, 4096, 12, 12, 96, 192, torch.bfloat16, True, False, 8),
+]
+
+
+def main() -> int:
+    t_all = time.time()
+    for arch, on_hopper in (("sm_90a", False), ("sm_80", True)):
+        for B, T, H, HV, K, V, dt, nq, h0, N in CASES:
+            prob = Problem(B=B, T=T, H=H, HV=HV, K=K, V=V, N=N, dtype=dt, is_varlen=False, use_h0=h0,
+                           normalize_q=nq)
+            t = time.time()
+            try:
+                build_kernels(prob, arch, on_hopper, scale=K ** -0.5, eps=1e-6, use_h0=h0)
+            except Exception as e:  # report and go on: one failing build must not hide the others
+                print(f"FAILED {arch} K={K} V={V}: {type(e).__name__}: {str(e).splitlines()[-1][:200]}")
+                continue
+            print(f"{arch:7s} {'ampere-on-hopper' if on_hopper else 'native':16s} H={H} HV={HV} K={K} V={V} "
+                  f"{str(dt)[6:]} nq={nq} h0={h0} N={N}: {time.time() - t:.1f}s", flush=True)
+    print(f"total {time.time() - t_all:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
