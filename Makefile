@@ -15,7 +15,7 @@ PIP := $(BIN)/python -m pip
 #: fails too the plain `pip install torch` below runs.
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 HAVE_NVIDIA_SMI := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo yes)
-PYTEST_ARGS ?= -q
+PYTEST_ARGS ?= -q --run-slow
 
 .PHONY: test check clean-venv
 

@@ -103,7 +103,7 @@ def _spec(task: "Task"):
 
 def compile_task(task: Task) -> Result:
     """Build one candidate and judge its resources; never raises (failures become ``error`` results)."""
-    from .resources import resource_report, verdict
+    from kla_tl.kernels.resources import resource_report, verdict
 
     t0 = time.perf_counter()
     try:

@@ -198,9 +198,58 @@ def check_inputs(fn: str, q, k, v, g, eta, *, scale=None, eps=DEFAULT_EPS, norma
     return prob, cu
 
 
+#: check_decode_inputs memo: metadata signature of a validated call -> its Problem. Validation reads no value of a
+#: CUDA tensor, so calls with equal signatures validate equally, and a decode loop repeats a few signatures (one per
+#: batch size): a hit costs one tuple of attribute reads instead of the full check. Bounded (cleared when full).
+_DECODE_SIGS: dict = {}
+_DECODE_SIGS_MAX = 1024
+
+
+def _decode_signature(q, k, v, g, eta, state, state_indices, scale, eps, normalize_q, out):
+    """What validating a ``kla_decode`` call depends on, as a hashable tuple; None when the call needs the full
+    check (an argument that is not exactly a torch.Tensor / float / bool, or an eps that is not positive finite)."""
+    Tn = torch.Tensor
+    if not (type(q) is Tn and type(k) is Tn and type(v) is Tn and type(g) is Tn and type(eta) is Tn
+            and type(state) is Tn and type(normalize_q) is bool and type(eps) is float and 0.0 < eps < math.inf
+            and (scale is None or type(scale) is float)):
+        return None
+    if state_indices is None:
+        idx = None
+    elif type(state_indices) is Tn:
+        idx = (state_indices.shape, state_indices.dtype, state_indices.device)
+    else:
+        return None
+    if out is None:
+        o = None
+    elif type(out) is Tn:
+        o = (out.shape, out.dtype, out.device)
+    else:
+        return None
+    return (q.shape, k.shape, v.shape, g.shape, eta.shape, state.shape, q.dtype, k.dtype, v.dtype, g.dtype,
+            eta.dtype, state.dtype, q.device, k.device, v.device, g.device, eta.device, state.device, normalize_q,
+            idx, o)
+
+
 def check_decode_inputs(fn: str, q, k, v, g, eta, state, *, state_indices=None, scale=None, eps=DEFAULT_EPS,
                         normalize_q=False, out=None) -> Problem:
     """Validate the arguments of ``kla_decode`` (one token per row, state pool updated in place)."""
+    sig = _decode_signature(q, k, v, g, eta, state, state_indices, scale, eps, normalize_q, out)
+    if sig is not None:
+        prob = _DECODE_SIGS.get(sig)
+        if prob is not None:
+            return prob
+    prob = _check_decode_inputs(fn, q, k, v, g, eta, state, state_indices=state_indices, scale=scale, eps=eps,
+                                normalize_q=normalize_q, out=out)
+    # host-side state_indices are value-checked: never memoize those calls
+    if sig is not None and (state_indices is None or state_indices.device.type != "cpu"):
+        if len(_DECODE_SIGS) >= _DECODE_SIGS_MAX:
+            _DECODE_SIGS.clear()
+        _DECODE_SIGS[sig] = prob
+    return prob
+
+
+def _check_decode_inputs(fn: str, q, k, v, g, eta, state, *, state_indices=None, scale=None, eps=DEFAULT_EPS,
+                         normalize_q=False, out=None) -> Problem:
     B, T, H, HV, K, V = _check_heads_and_dims(fn, q, k, v, g, eta, expect_T1=True)
     _check_scalar_opts(fn, scale, eps)
     if not isinstance(normalize_q, bool):

@@ -181,11 +181,12 @@ class KLAttention(nn.Module):
         num_v_heads: value heads HV (default H); GVA when HV > H, which needs ``HV % H == 0``. The decay gate, eta,
             the output gate and the state are per value head.
         conv_size: kernel of the causal depthwise short convolutions on q, k, v (default 4).
-        gdn: Gated DeltaNet instead of KLA: keys are L2-normalized (``k / sqrt(||k||^2 + 1e-6)``, fla's l2norm) before
-            ``chunk_kla``, so kla-tl's ``beta = eta / (||k^||^2 + eps)`` is GDN's ``beta = eta`` up to
-            ``||k^||^2 + eps = 1 + eps - 1e-6 / (||k||^2 + 1e-6)``: a relative difference of at most
-            ``1e-6 (1 + 1/||k||^2)``, i.e. ``beta = eta / (1 + eps)`` for keys of any normal size (KLA.md section 2,
-            last bullet). It only grows for keys with ``||k||^2`` near 1e-6, where the normalized key itself shrinks.
+        gdn: Gated DeltaNet instead of KLA, for comparison: keys are L2-normalized (``k^ = k / sqrt(||k||^2 + 1e-6)``,
+            fla's l2norm, as the released GDN layer) before ``chunk_kla``, so kla-tl's ``beta = eta / (||k^||^2 + eps)``
+            is GDN's ``beta = eta`` divided by ``||k^||^2 + eps = 1 + eps - 1e-6 / (||k||^2 + 1e-6)``, i.e.
+            ``beta ~= eta / (1 + eps)`` (KLA.md section 2, last bullet). The relative difference from ``beta = eta`` is
+            at most ``1e-6 * max(1, 1 / ||k||^2)``: about 1e-6 for keys of ordinary size, larger only for keys with
+            ``||k||^2`` near 1e-6, whose normalized key is itself short.
         layer_idx: index of the layer in its model (kept for the caller's cache bookkeeping).
 
     Parameters without weight decay carry ``_no_weight_decay = True`` (``A_log``, ``dt_bias``).

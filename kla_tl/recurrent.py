@@ -74,7 +74,7 @@ def decode_refusal(prob: Problem, device: torch.device, state: torch.Tensor) -> 
         return reason
     if state.dtype not in _POOL_DTYPES:
         return f"state pool dtype {_dt(state.dtype)} (the decode kernel updates float32 or bfloat16 pools)"
-    return _no_schedule("decode", prob, state_dtype=_TL[state.dtype])
+    return _no_schedule("decode", prob, state_dtype=_TL[state.dtype], split_k=True)
 
 
 def recurrent_refusal(prob: Problem, device: torch.device, *, needs_grad: bool) -> Optional[str]:
@@ -84,22 +84,24 @@ def recurrent_refusal(prob: Problem, device: torch.device, *, needs_grad: bool) 
         return reason
     if needs_grad:
         return "fused_recurrent_kla has no backward kernel; use chunk_kla for training"
-    return _no_schedule("fused_recurrent", prob, state_dtype="float32")
+    return _no_schedule("fused_recurrent", prob, state_dtype="float32", split_k=False)
 
 
-def _no_schedule(name: str, prob: Problem, state_dtype: str) -> Optional[str]:
-    if _has_layout(prob.K, prob.V, state_dtype):
+def _no_schedule(name: str, prob: Problem, state_dtype: str, split_k: bool) -> Optional[str]:
+    if _has_layout(prob.K, prob.V, state_dtype, split_k):
         return None
     return f"no {name} schedule fits K={prob.K}, V={prob.V} with a {state_dtype} state"
 
 
 @functools.lru_cache(maxsize=None)
-def _has_layout(K: int, V: int, state_dtype: str) -> bool:
-    """Whether any schedule of the space has a lane layout for (K, V) (cached: refusals run on every call)."""
+def _has_layout(K: int, V: int, state_dtype: str, split_k: bool) -> bool:
+    """Whether any (block_v, threads[, warps_k when ``split_k``]) of the decode space has a lane layout for (K, V)
+    (cached: refusals run on every call)."""
     from .kernels.recurrent import DECODE_SPACE, DTYPE_BYTES, _layout_ok
 
     sb = DTYPE_BYTES[state_dtype]
-    return any(_layout_ok(K, V, bv, th, sb) for bv in DECODE_SPACE["block_v"] for th in DECODE_SPACE["threads"])
+    return any(_layout_ok(K, V, bv, th, sb, wk) for bv in DECODE_SPACE["block_v"] for th in DECODE_SPACE["threads"]
+               for wk in (DECODE_SPACE["warps_k"] if split_k else (1,)))
 
 
 # ------------------------------------------------------------------------------------------------- kernel choice
@@ -261,14 +263,26 @@ def kla_decode_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torc
     dtype when they share float32/bfloat16/float16, else converted to float32. With a contiguous ``out`` and
     packed inputs the call allocates nothing (CUDA-graph capturable); a non-contiguous ``out`` is filled by a copy.
     """
-    g, eta = _gates(g, eta)
+    if g.dtype is not eta.dtype or g.dtype not in _TL:
+        g, eta = _gates(g, eta)
     use_idx = state_indices is not None
     fk = (q.device, q.dtype, g.dtype, state.dtype, prob.H, prob.HV, prob.K, prob.V, use_idx, normalize_q,
           _arch_env())
     plan = _DECODE_PLANS.get(fk)
     if plan is None:
         plan = _DECODE_PLANS[fk] = _decode_plan(prob, q, g, state, use_idx, normalize_q)
-    fn, qk_st, vo_st, gate_st, pool_st = plan
+    fn, qk_st, vo_st, gate_st, pool_st, default_scale = plan
+    sc = default_scale if scale is None else float(scale)
+    # fast path (the serving loop): everything packed, v/o/pool 16-byte aligned, a batch to run -> one launch
+    if (out is not None and prob.B > 0 and state.stride() == pool_st and out.stride() == vo_st
+            and v.stride() == vo_st and q.stride() == qk_st and k.stride() == qk_st and g.stride() == gate_st
+            and eta.stride() == gate_st and not (state.data_ptr() | out.data_ptr() | v.data_ptr()) & 15):
+        if not use_idx:
+            fn(q, k, v, g, eta, state, out, sc, float(eps))
+            return out
+        if state_indices.stride() == (1,):
+            fn(q, k, v, g, eta, state, state_indices, out, sc, float(eps))
+            return out
     pool = _fit(state, pool_st, copy_ok=False)
     if pool is None:
         raise ValueError(f"kla_decode: state must be contiguous and 16-byte aligned (the pool is updated in place), "
@@ -279,11 +293,10 @@ def kla_decode_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torc
         # q, k, g, eta and the indices are read as scalars; v, o and the pool with 128-bit (v, o: 64-bit+) accesses
         if use_idx:
             fn(_fit(q, qk_st, 1), _fit(k, qk_st, 1), _fit(v, vo_st), _fit(g, gate_st, 1), _fit(eta, gate_st, 1),
-               pool, _fit(state_indices, (1,), 1), dst, float(prob.K ** -0.5 if scale is None else scale),
-               float(eps))
+               pool, _fit(state_indices, (1,), 1), dst, sc, float(eps))
         else:
             fn(_fit(q, qk_st, 1), _fit(k, qk_st, 1), _fit(v, vo_st), _fit(g, gate_st, 1), _fit(eta, gate_st, 1),
-               pool, dst, float(prob.K ** -0.5 if scale is None else scale), float(eps))
+               pool, dst, sc, float(eps))
     if out is None:
         return dst
     if o_view is None:
@@ -292,12 +305,14 @@ def kla_decode_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torc
 
 
 def _decode_plan(prob: Problem, q, g, state, use_idx: bool, normalize_q: bool) -> tuple:
-    """(executable, packed strides of q/k, v/o, g/eta and the pool) for one decode problem; compiles on first use."""
+    """(executable, packed strides of q/k, v/o, g/eta and the pool, default scale K^-1/2) for one decode problem;
+    compiles on first use."""
     key = decode_key(prob, dtype=q.dtype, gate_dtype=g.dtype, state_dtype=state.dtype, use_indices=use_idx,
                      normalize_q=normalize_q)
     lh = _launch_for("decode", q.device, key)
     H, HV, K, V = prob.H, prob.HV, prob.K, prob.V
-    return lh.fn, (H * K, H * K, K, 1), (HV * V, HV * V, V, 1), (HV, HV, 1), (HV * K * V, K * V, V, 1)
+    return (lh.fn, (H * K, H * K, K, 1), (HV * V, HV * V, V, 1), (HV, HV, 1), (HV * K * V, K * V, V, 1),
+            float(K ** -0.5))
 
 
 def fused_recurrent_kla_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
@@ -341,3 +356,145 @@ def fused_recurrent_kla_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     lh.fn(_packed(q), _packed(k), _packed(v), _packed(g), _packed(eta), h0 if h0 is not None else ph_state,
           final if final is not None else ph_state, cu32, o, sc, float(eps))
     return o, final
+
+
+# -------------------------------------------------------------------------------------------- autotune bench cases
+
+#: Batch sizes ``kla-tl autotune`` times decode at (one case each; the schedule is shared by every B, and B >= 64
+#: is where the state traffic, and so the schedule, matters; smaller batches are launch-bound).
+BENCH_DECODE_BATCHES = (64, 256)
+#: (sequences, tokens) fused_recurrent is timed at: spec-decode verify (T = 8) and a short sequence (T = 64).
+BENCH_FUSED_SHAPES = ((64, 8), (16, 64))
+#: Rows (sequences) of each bench case compared with the float64 reference (the first ones; rows are independent).
+BENCH_CHECK_ROWS = 4
+#: Norm-relative tolerances of the bench check: bf16 q/k/v with an fp32 state; a bf16 pool (tests/helpers.py TOL,
+#: tests/test_recurrent_gpu.py POOL_BF16_TOL).
+BENCH_TOL = {"float32": 5e-3, "bfloat16": 1e-2}
+
+
+def _bench_tensors(key: dict, B: int, T: int, seed: int):
+    """Random q, k, v, g, eta for ``key`` on the current CUDA device (fixed seed)."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    dt = getattr(torch, key["dtype"])
+    gdt = getattr(torch, key.get("gate_dtype", "float32"))
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, device="cuda", dtype=torch.float32)
+
+    H, HV, K, V = key["H"], key["HV"], key["K"], key["V"]
+    q, k, v = randn(B, T, H, K).to(dt), randn(B, T, H, K).to(dt), randn(B, T, HV, V).to(dt)
+    g = torch.nn.functional.logsigmoid(randn(B, T, HV) + 2.0).to(gdt)
+    eta = torch.sigmoid(1.5 * randn(B, T, HV)).to(gdt)
+    return q, k, v, g, eta, gen
+
+
+def _rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    got, ref = got.double(), ref.double()
+    if not torch.isfinite(got).all():
+        return float("inf")
+    return ((got - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def _executable(built):
+    get_exec = getattr(getattr(built, "adapter", None), "_get_executable", None)
+    return get_exec() if get_exec is not None else built
+
+
+def decode_bench_cases(key: dict) -> list:
+    """``KernelSpec.bench`` of decode: B = 64 and 256 rows on a pool of B slots in shuffled order (row 1 padding when
+    ``key['use_indices']``); one input set holds B * HV * K * V state values (128 MB at B = 64, HV = 32, K = V = 128
+    fp32), so the tuner's rotating sets exceed the 50 MB L2. The check restores the first BENCH_CHECK_ROWS rows'
+    slots, relaunches the candidate (run updates the pool in place, and earlier candidates ran on it) and compares
+    o and the new state with the float64 reference."""
+    from .kernels.registry import BenchCase
+    from .reference import kla_decode_reference
+
+    use_idx = bool(key.get("use_indices", True))
+    nq = bool(key.get("normalize_q", True))
+    sdt = getattr(torch, key.get("state_dtype", "float32"))
+    tol = BENCH_TOL[key.get("state_dtype", "float32")]
+
+    def make_inputs(B, seed):
+        q, k, v, g, eta, gen = _bench_tensors(key, B, 1, seed)
+        pool = (0.1 * torch.randn(B, key["HV"], key["K"], key["V"], generator=gen, device="cuda")).to(sdt)
+        idx = None
+        if use_idx:
+            idx = torch.randperm(B, generator=gen, device="cuda").to(torch.int32)
+            idx[1] = -1
+        rows = min(B, BENCH_CHECK_ROWS)
+        slots = (idx[:rows] if use_idx else torch.arange(rows, device="cuda")).long()
+        live = slots >= 0
+        out = torch.empty(B, 1, key["HV"], key["V"], dtype=q.dtype, device="cuda")
+        args = (q, k, v, g, eta, pool, idx, out) if use_idx else (q, k, v, g, eta, pool, out)
+        return {"args": args, "scale": float(key["K"] ** -0.5), "rows": rows, "slots": slots[live],
+                "live": live, "saved": pool[slots[live]].clone(), "built": None}
+
+    def run(built, x):
+        x["built"] = built
+        _executable(built)(*x["args"], x["scale"], DEFAULT_EPS)
+        return x["args"][-1]
+
+    def check(x, _out):
+        q, k, v, g, eta, pool = x["args"][:6]
+        out, rows, slots, live = x["args"][-1], x["rows"], x["slots"], x["live"]
+        pool[slots] = x["saved"]
+        out.fill_(float("nan"))
+        _executable(x["built"])(*x["args"], x["scale"], DEFAULT_EPS)
+        torch.cuda.synchronize()
+        ref_pool = x["saved"].double()
+        o_ref = kla_decode_reference(*(t[:rows][live].double() for t in (q, k, v, g, eta)), ref_pool,
+                                     scale=x["scale"], eps=DEFAULT_EPS, normalize_q=nq)
+        errs = {"o": _rel_err(out[:rows][live], o_ref), "state": _rel_err(pool[slots], ref_pool)}
+        bad = {n: e for n, e in errs.items() if not e <= tol}
+        if not bool((out[:rows][~live] == 0).all()):
+            bad["padding rows"] = "o not zero"
+        return None if not bad else f"errors {bad} (tolerance {tol:g})"
+
+    return [BenchCase(f"B={B}", functools.partial(make_inputs, B), run, check) for B in BENCH_DECODE_BATCHES]
+
+
+def fused_bench_cases(key: dict) -> list:
+    """``KernelSpec.bench`` of fused_recurrent: (N, T) in BENCH_FUSED_SHAPES, dense or varlen as the key says (varlen:
+    one row of N sequences of T tokens); h0/ht as the key says. Inputs are read-only and the outputs fresh, so the
+    check compares the outputs of the timed launch (first BENCH_CHECK_ROWS sequences) with the float64 reference."""
+    from .kernels.registry import BenchCase
+    from .reference import naive_kla
+
+    HV, K, V = key["HV"], key["K"], key["V"]
+    use_h0, store_ht = bool(key.get("use_h0", True)), bool(key.get("store_ht", True))
+    varlen, nq = bool(key.get("is_varlen", False)), bool(key.get("normalize_q", True))
+    tol = BENCH_TOL["float32"]
+
+    def make_inputs(N, T, seed):
+        B, TT = (1, N * T) if varlen else (N, T)
+        q, k, v, g, eta, gen = _bench_tensors(key, B, TT, seed)
+        ph_state, ph_cu = _placeholders(q.device, HV, K, V)
+        h0 = 0.1 * torch.randn(N, HV, K, V, generator=gen, device="cuda") if use_h0 else ph_state
+        ht = torch.empty(N, HV, K, V, device="cuda") if store_ht else ph_state
+        cu = torch.arange(0, N * T + 1, T, dtype=torch.int32, device="cuda") if varlen else ph_cu
+        o = torch.empty(B, TT, HV, V, dtype=q.dtype, device="cuda")
+        return {"args": (q, k, v, g, eta, h0, ht, cu, o), "scale": float(K ** -0.5), "N": N, "T": T}
+
+    def run(built, x):
+        _executable(built)(*x["args"], x["scale"], DEFAULT_EPS)
+        return x["args"][-1]
+
+    def check(x, _out):
+        q, k, v, g, eta, h0, ht, cu, o = x["args"]
+        n, T = min(x["N"], BENCH_CHECK_ROWS), x["T"]
+        if varlen:   # the first n sequences as a dense batch
+            sub = [t[0, :n * T].unflatten(0, (n, T)).double() for t in (q, k, v, g, eta)]
+            o_got = o[0, :n * T].unflatten(0, (n, T))
+        else:
+            sub = [t[:n].double() for t in (q, k, v, g, eta)]
+            o_got = o[:n]
+        o_ref, ht_ref = naive_kla(*sub, scale=x["scale"], eps=DEFAULT_EPS, normalize_q=nq,
+                                  initial_state=h0[:n].double() if use_h0 else None, output_final_state=True)
+        errs = {"o": _rel_err(o_got, o_ref)}
+        if store_ht:
+            errs["ht"] = _rel_err(ht[:n], ht_ref)
+        bad = {name: e for name, e in errs.items() if not e <= tol}
+        return None if not bad else f"errors {bad} (tolerance {tol:g})"
+
+    return [BenchCase(f"N={N} T={T}", functools.partial(make_inputs, N, T), run, check)
+            for N, T in BENCH_FUSED_SHAPES]

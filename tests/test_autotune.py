@@ -18,7 +18,8 @@ import pytest
 
 from kla_tl import schedules
 from kla_tl.autotune import compile as phase1
-from kla_tl.autotune import measure, resources, tuner
+from kla_tl.autotune import measure, tuner
+from kla_tl.kernels import resources
 from kla_tl.kernels import registry
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -1,7 +1,8 @@
 """Tests of ``chunk_kla`` as registered torch operators (``kla_tl::chunk_fwd``, ``kla_tl::chunk_bwd``; kla_tl/ops.py).
 
 CPU: ``torch.library.opcheck`` on both operators (schema, autograd registration, fake tensors, AOT dispatch with
-dynamic shapes); the public ``chunk_kla`` really calls them and equals the reference, forward and all six gradients;
+dynamic shapes); the public ``chunk_kla`` really calls them (seen by a ``__torch_dispatch__`` mode, inside which they must also
+work) and equals the reference, forward and all six gradients, T = 0 included;
 ``torch.compile(fullgraph=True, backend="aot_eager")`` of a function calling ``chunk_kla``, then ``.backward()``,
 equals eager, dense and varlen, with and without states, and ``torch._dynamo.explain`` sees no graph break; invalid
 cu_seqlens still raise the public message when compiled. GPU (marked ``gpu``): the same compile test on the
@@ -20,9 +21,10 @@ from helpers import assert_rel_close, make_inputs, tol_for
 
 from kla_tl import chunk_kla
 from kla_tl import ops
-from kla_tl.conventions import state_dtype_for
+from kla_tl.conventions import DEFAULT_EPS, state_dtype_for
 from kla_tl.reference import chunk_kla_reference
 
+F32, F64 = torch.float32, torch.float64
 FWD = torch.ops.kla_tl.chunk_fwd.default
 BWD = torch.ops.kla_tl.chunk_bwd.default
 #: Sizes of the CPU cases: GVA (HV = 2 H), head dims that differ, T past one 64-token chunk.
@@ -62,7 +64,7 @@ def _run(fn, inp, opts):
 
 def _op_args(inp, **opts):
     """Positional and keyword arguments of kla_tl::chunk_fwd for ``inp``."""
-    kw = dict(scale=opts.get("scale", K ** -0.5), eps=1e-6, normalize_q=opts.get("normalize_q", False),
+    kw = dict(scale=opts.get("scale", K ** -0.5), eps=DEFAULT_EPS, normalize_q=opts.get("normalize_q", False),
               output_final_state=opts.get("output_final_state", False))
     return (*inp.args(), inp.initial_state, inp.cu_seqlens), kw
 
@@ -91,15 +93,15 @@ def test_schemas_match_the_grad_name_map():
 # ---------------------------------------------------------------------------------------------------- opcheck
 
 
-@pytest.mark.parametrize("case,dtype", [("varlen_h0_state", torch.float32), ("dense", torch.float64)])
+@pytest.mark.parametrize("case,dtype", [("varlen_h0_state", F32), ("dense", F64)], ids=["varlen_f32", "dense_f64"])
 def test_opcheck_chunk_fwd(case, dtype):
     inp, opts = _inputs(case, dtype, requires_grad=True)
     args, kw = _op_args(inp, **opts)
     torch.library.opcheck(FWD, args, kw)
 
 
-@pytest.mark.parametrize("case,dtype,with_dht", [("varlen_h0_state", torch.float32, True),
-                                                 ("dense", torch.float64, False)])
+@pytest.mark.parametrize("case,dtype,with_dht", [("varlen_h0_state", F32, True), ("dense", F64, False)],
+                         ids=["varlen_f32_dht", "dense_f64"])
 def test_opcheck_chunk_bwd(case, dtype, with_dht):
     inp, opts = _inputs(case, dtype)
     args, kw = _op_args(inp, **opts)
@@ -129,8 +131,8 @@ class _OpLog(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("case,dtype", [("varlen_h0_state", torch.float32), ("dense_h0_state", torch.float64),
-                                        ("dense", torch.float32)])
+@pytest.mark.parametrize("case,dtype", [("varlen_h0_state", F32), ("dense_h0_state", F64), ("dense", F32)],
+                         ids=["varlen_f32", "dense_h0_f64", "dense_f32"])
 def test_chunk_kla_runs_the_operators_and_equals_the_reference(case, dtype):
     inp, opts = _inputs(case, dtype, seed=7, requires_grad=True)
     ref = inp.to(requires_grad=True)

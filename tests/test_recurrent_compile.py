@@ -27,8 +27,9 @@ R = pytest.importorskip("kla_tl.kernels.recurrent", reason="tilelang is not impo
 NVCC = shutil.which("nvcc")
 needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not found on PATH")
 
-#: (K, V) pairs the compile matrix covers: the common GDN size and the published KLA model's.
-DIMS = [(128, 128), (96, 192)]
+#: (K, V) pairs the compile matrix covers: the common GDN size, the published KLA model's and the largest (the
+#: default doubles the warps along K there).
+DIMS = [(128, 128), (96, 192), (256, 256)]
 
 
 # ------------------------------------------------------------------------------------------------ lane layout
@@ -36,38 +37,46 @@ DIMS = [(128, 128), (96, 192)]
 
 @pytest.mark.parametrize("state_bytes", [4, 2])
 def test_lane_layout_covers_each_state_element_once_and_reductions_stay_in_column_groups(state_bytes):
-    """Every valid schedule of the space: each (row, col) of the K x block_v tile has one owner, the r0 == 0 lanes
-    write each output column once, and the xor shuffles combine exactly the lanes holding the same columns."""
+    """Every valid (block_v, threads, warps_k) of the space: each (row, col) of the K x block_v tile has one owner,
+    the output lanes (first row group of the warps at wk = 0) write each column once, the publishing lanes (first
+    row group of every warp) cover every (warp along K, column) once, and the xor shuffles combine exactly the lanes
+    holding the same columns."""
     n = 0
     for K in KERNEL_K:
         for V in KERNEL_V:
             for bv in R.DECODE_SPACE["block_v"]:
                 for th in R.DECODE_SPACE["threads"]:
-                    if not R._layout_ok(K, V, bv, th, state_bytes):
-                        continue
-                    vec, L, rows, passes = R.lane_layout(K, bv, th, state_bytes)
-                    owner = {}
-                    out_cols = []
-                    for tx in range(th):
-                        lane = tx % R.WARP
-                        r0 = lane // L
-                        cl = (tx // R.WARP) * (L * vec) + (lane % L) * vec
-                        for p in range(passes):
-                            for j in range(vec):
-                                cell = (p * rows + r0, cl + j)
-                                assert cell not in owner, f"K={K} block_v={bv} threads={th}: {cell} owned twice"
-                                owner[cell] = tx
-                        if r0 == 0:
-                            out_cols += [cl + j for j in range(vec)]
-                    assert len(owner) == K * bv and all(0 <= r < K and 0 <= c < bv for r, c in owner)
-                    assert sorted(out_cols) == list(range(bv))
-                    offsets = [L << i for i in range((R.WARP // L).bit_length() - 1)]
-                    for lane in range(R.WARP):
-                        group = {lane}
-                        for d in offsets:
-                            group |= {x ^ d for x in group}
-                        assert group == {x for x in range(R.WARP) if x % L == lane % L}
-                    n += 1
+                    for wk_n in R.DECODE_SPACE["warps_k"]:
+                        if not R._layout_ok(K, V, bv, th, state_bytes, wk_n):
+                            continue
+                        lay = R.lane_layout(K, bv, th, state_bytes, wk_n)
+                        vec, L, rows, passes, wv_n = lay.vec, lay.L, lay.rows, lay.passes, lay.warps_v
+                        assert wv_n * wk_n * R.WARP == th
+                        owner, out_cols, published = {}, [], []
+                        for tx in range(th):
+                            lane, warp = tx % R.WARP, tx // R.WARP
+                            wv, wk = warp % wv_n, warp // wv_n
+                            r0 = wk * (K // wk_n) + lane // L
+                            cl = wv * (L * vec) + (lane % L) * vec
+                            for p in range(passes):
+                                for j in range(vec):
+                                    cell = (p * rows + r0, cl + j)
+                                    assert cell not in owner, f"K={K} block_v={bv} threads={th}: {cell} owned twice"
+                                    owner[cell] = tx
+                            if lane < L:
+                                published += [(wk, cl + j) for j in range(vec)]
+                                if wk == 0:
+                                    out_cols += [cl + j for j in range(vec)]
+                        assert len(owner) == K * bv and all(0 <= r < K and 0 <= c < bv for r, c in owner)
+                        assert sorted(out_cols) == list(range(bv))
+                        assert sorted(published) == [(w, c) for w in range(wk_n) for c in range(bv)]
+                        offsets = [L << i for i in range((R.WARP // L).bit_length() - 1)]
+                        for lane in range(R.WARP):
+                            group = {lane}
+                            for d in offsets:
+                                group |= {x ^ d for x in group}
+                            assert group == {x for x in range(R.WARP) if x % L == lane % L}
+                        n += 1
     assert n > 0
 
 
@@ -83,6 +92,25 @@ def test_defaults_are_valid_members_of_the_space_for_every_kernel_head_dim(spec_
                     assert set(sch) == set(spec.space)
                     assert all(sch[n] in spec.space[n] for n in sch), sch
                     assert spec.valid(arch, key, sch), (key, sch)
+
+
+def test_bench_hooks_give_labelled_cases_for_every_example_key():
+    """KernelSpec.bench builds its cases lazily: no GPU is touched until make_inputs runs."""
+    for spec, n in ((R.DECODE_SPEC, 2), (R.FUSED_RECURRENT_SPEC, 2)):
+        for key in spec.example_keys:
+            cases = spec.bench("sm_90a", key)
+            assert len(cases) == n and len({c.label for c in cases}) == n
+            assert all(callable(c.make_inputs) and callable(c.run) and callable(c.check) for c in cases)
+
+
+@pytest.mark.parametrize("state_bytes", [4, 2])
+def test_max_regs_prunes_caps_that_leave_no_room_beside_the_tile(state_bytes):
+    key = {"H": 2, "HV": 4, "K": 128, "V": 128, "dtype": "bfloat16",
+           "state_dtype": "float32" if state_bytes == 4 else "bfloat16"}
+    full = {"block_v": 128, "threads": 256, "warps_k": 8}          # 64 values per thread
+    assert R.DECODE_SPEC.valid("sm_90a", key, {**full, "max_regs": 128})
+    assert R.DECODE_SPEC.valid("sm_90a", key, {**full, "max_regs": 64}) == (state_bytes == 2)
+    assert R.min_blocks(256, 128) == 2 and R.min_blocks(128, 80) == 6 and R.min_blocks(512, 255) == 1
 
 
 # ----------------------------------------------------------------------------------------- code path, schedules
@@ -106,7 +134,7 @@ def test_invalid_tuned_schedule_falls_back_to_default_with_a_warning(monkeypatch
     class FakeSchedules:
         @staticmethod
         def lookup(kernel, device, key, *, arch=None):
-            return {"block_v": 48, "threads": 128}, "fake.json"
+            return {"block_v": 48, "threads": 128, "warps_k": 1, "max_regs": 255}, "fake.json"
 
     monkeypatch.setitem(sys.modules, "kla_tl.schedules", FakeSchedules)
     key = {"H": 2, "HV": 4, "K": 128, "V": 128, "dtype": "bfloat16", "state_dtype": "float32"}
@@ -171,13 +199,19 @@ def _keys(K, V):
 
 
 def test_decode_default_builds_for_hopper_with_128_bit_state_accesses():
-    """The one quick build: decode, K = V = 128, fp32 pool, sm_90a (no nvcc run beyond TileLang's own)."""
+    """The one quick build: decode, K = V = 128, fp32 pool, sm_90a (no nvcc run beyond TileLang's own): 128-bit
+    state accesses, 64-bit pool offsets, one grid axis, the register cap of max_regs, and block barriers only for
+    the exchange between warps stacked along K (two)."""
     key = _keys(128, 128)[0][2]
-    kernel = R.DECODE_SPEC.build("sm_90a", key, R.DECODE_SPEC.default("sm_90a", key))
+    sch = R.DECODE_SPEC.default("sm_90a", key)
+    kernel = R.DECODE_SPEC.build("sm_90a", key, sch)
     src = kernel.get_kernel_source()
     assert re.search(r"\*\(float4\*\)\(state \+", src), "fp32 state loads are not 128-bit"
     assert "(int64_t)sl" in src, "pool offsets are not 64-bit"
-    assert "__shfl_xor_sync" in src and "__syncthreads" not in src
+    assert "blockIdx.y" not in src and "blockIdx.z" not in src, "decode grid must be one axis"
+    assert f"__launch_bounds__({sch['threads']}, {R.min_blocks(sch['threads'], sch['max_regs'])})" in src
+    assert "__shfl_xor_sync" in src
+    assert src.count("__syncthreads()") == (2 if sch["warps_k"] > 1 else 0)
 
 
 @pytest.mark.slow

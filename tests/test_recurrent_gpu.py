@@ -214,6 +214,74 @@ def test_decode_addresses_pool_slots_past_2_31_elements(path):
     torch.cuda.empty_cache()
 
 
+def _candidate_cases():
+    from kla_tl.kernels.recurrent import DECODE_CANDIDATES
+    return [(sdt, name, sch) for sdt, cands in DECODE_CANDIDATES.items() for name, sch, _ in cands]
+
+
+@pytest.mark.parametrize("case", _candidate_cases(), ids=lambda c: f"{c[0]}-{c[1]}")
+def test_decode_candidate_schedules_match_fp64_reference(path, case):
+    """Every schedule tools/gpu_decode.py --schedules times, launched directly (the key of its sweep: H = 16,
+    HV = 32, K = V = 128), on shuffled slots with a padding row."""
+    from kla_tl.kernels.recurrent import DECODE_SPEC
+    from kla_tl.kernels.registry import target_for
+
+    sdt, _, sch = case
+    B, H, HV, K, V = 5, 16, 32, 128, 128
+    pool_dtype = getattr(torch, sdt)
+    key = {"H": H, "HV": HV, "K": K, "V": V, "dtype": "bfloat16", "gate_dtype": "float32", "state_dtype": sdt,
+           "use_indices": True, "normalize_q": True}
+    arch = "sm_90a" if path == "native" and torch.cuda.get_device_capability()[0] == 9 else "sm_80"
+    target, configs = target_for(arch, run_on_hopper=torch.cuda.get_device_capability()[0] == 9)
+    fn = rec._Launch(DECODE_SPEC.build(arch, key, sch, target_arch=target["arch"], pass_configs=configs),
+                     sch, "test", arch, key).fn
+    inp = make_inputs(B, 1, H, HV, K, V, dtype=torch.bfloat16, device="cuda")
+    q, k, v, g, eta = inp.args()
+    pool = _pool(B + 2, HV, K, V, pool_dtype)
+    idx = _slots(B, B + 2, 1)
+    ref_pool = pool.to(torch.float64)
+    before = pool.clone()
+    o_ref = kla_decode_reference(*(x.to(torch.float64) for x in (q, k, v, g, eta)), ref_pool, state_indices=idx,
+                                 normalize_q=True)
+    o = nan_poison_(torch.empty(B, 1, HV, V, dtype=torch.bfloat16, device="cuda"))
+    fn(q, k, v, g.float().contiguous(), eta.float().contiguous(), pool, idx, o, K ** -0.5, 1e-6)
+    torch.cuda.synchronize()
+    live = idx >= 0
+    slots = idx[live].long()
+    assert_rel_close("o", o[live], o_ref[live], tol_for(torch.bfloat16, "o"))
+    assert torch.equal(o[~live], torch.zeros_like(o[~live])), "padding rows must output exact zeros"
+    assert_rel_close("state", pool[slots], ref_pool[slots], _pool_tol(torch.bfloat16, pool_dtype))
+    untouched = torch.ones(B + 2, dtype=torch.bool, device="cuda")
+    untouched[slots] = False
+    assert torch.equal(pool[untouched], before[untouched])
+
+
+@pytest.mark.parametrize("kernel", ["decode", "fused_recurrent"])
+def test_bench_hook_cases_run_and_pass_their_check(path, kernel):
+    """KernelSpec.bench (what ``kla-tl autotune`` times): every case of the first example key runs the default
+    schedule and its check accepts the result, as autotune's phase 2 does (one launch, then check)."""
+    from kla_tl.kernels.recurrent import DECODE_SPEC, FUSED_RECURRENT_SPEC
+    from kla_tl.kernels.registry import target_for
+
+    spec = DECODE_SPEC if kernel == "decode" else FUSED_RECURRENT_SPEC
+    hopper = torch.cuda.get_device_capability()[0] == 9
+    arch = "sm_90a" if path == "native" and hopper else "sm_80"
+    target, configs = target_for(arch, run_on_hopper=hopper)
+    key = spec.example_keys[0]
+    built = spec.build(arch, key, spec.default(arch, key), target_arch=target["arch"], pass_configs=configs)
+    cases = spec.bench(arch, key)
+    assert cases and len({c.label for c in cases}) == len(cases)
+    for case in cases:
+        inputs = case.make_inputs(0)
+        out = case.run(built, inputs)
+        torch.cuda.synchronize()
+        assert case.check(inputs, out) is None, case.label
+        case.run(built, inputs)                       # a second launch (decode: on the updated pool) still checks
+        assert case.check(inputs, case.run(built, inputs)) is None, case.label
+        del inputs
+        torch.cuda.empty_cache()
+
+
 # ----------------------------------------------------------------------------------------------- fused recurrent
 
 
@@ -313,7 +381,8 @@ def _warm_keys():
 
 
 def warm_cache() -> int:
-    """Compile every kernel of this file (default schedules) for sm_90a and the Ampere-on-Hopper path."""
+    """Compile every kernel of this file (default schedules, and the candidate schedules) for sm_90a and the
+    Ampere-on-Hopper path."""
     import time
 
     from kla_tl.kernels.recurrent import DECODE_SPEC, FUSED_RECURRENT_SPEC
@@ -326,7 +395,14 @@ def warm_cache() -> int:
         for name, key in keys:
             spec = DECODE_SPEC if name == "decode" else FUSED_RECURRENT_SPEC
             spec.build(arch, key, spec.default(arch, key), target_arch=target["arch"], pass_configs=configs)
-    print(f"built {2 * len(keys)} kernels in {time.time() - t0:.0f} s")
+        for sdt, _, sch in _candidate_cases():
+            key = {"H": 16, "HV": 32, "K": 128, "V": 128, "dtype": "bfloat16", "gate_dtype": "float32",
+                   "state_dtype": sdt, "use_indices": True, "normalize_q": True}
+            DECODE_SPEC.build(arch, key, sch, target_arch=target["arch"], pass_configs=configs)
+        for spec in (DECODE_SPEC, FUSED_RECURRENT_SPEC):      # the bench-hook test builds the example keys
+            for key in spec.example_keys:
+                spec.build(arch, key, spec.default(arch, key), target_arch=target["arch"], pass_configs=configs)
+    print(f"built the kernels in {time.time() - t0:.0f} s")
     return 0
 
 

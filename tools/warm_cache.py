@@ -1,4 +1,4 @@
-"""Build, without a GPU, every chunk-forward kernel that the GPU tests and the forward benchmark launch, for the
+"""Build, without a GPU, every chunk-forward kernel that the GPU tests and the forward benchmark (``kla-tl bench``) launch, for the
 Hopper path and the Ampere-on-Hopper path, so that a GPU run loads them from ``TILELANG_CACHE_DIR`` instead of
 compiling.
 
@@ -22,7 +22,6 @@ CASES = [
     (2, 130, 2, 2, 256, 256, torch.bfloat16, True, True, 2),
     (2, 130, 2, 2, 96, 192, torch.bfloat16, True, True, 2),
     (1, 2000, 16, 32, 128, 128, torch.bfloat16, True, True, 6),
-    (2, 200, 2, 2, 128, 128, torch.float32, True, True, 2),
     (1, 32768, 4, 4, 128, 128, torch.bfloat16, True, True, 1),
     (2, 1000, 4, 8, 128, 128, torch.bfloat16, True, True, 2),
     # benchmark shapes
@@ -30,6 +29,10 @@ CASES = [
     (2, 16384, 16, 16, 128, 128, torch.bfloat16, True, False, 2),
     (1, 32768, 32, 32, 128, 128, torch.bfloat16, True, False, 1),
     (8, 4096, 12, 12, 96, 192, torch.bfloat16, True, False, 8),
+    (1, 32768, 16, 32, 128, 128, torch.bfloat16, True, False, 1),
+    (1, 32768, 16, 64, 128, 128, torch.bfloat16, True, False, 1),
+    (1, 32768, 16, 32, 128, 128, torch.bfloat16, True, False, 8),
+    (1, 32768, 16, 64, 128, 128, torch.bfloat16, True, False, 8),
 ]
 
 

@@ -11,8 +11,6 @@ from __future__ import annotations
 import sys
 import time
 
-#: Shared-memory limit per block (bytes): H100 227 KB, A100 163 KB.
-SMEM_LIMIT = {"sm_90a": 227 * 1024, "sm_80": 163 * 1024}
 
 
 def add_arguments(p) -> None:
@@ -27,7 +25,7 @@ def compile_all(archs=("sm_80", "sm_90a"), kernels=None, resources=True, out=sys
     from tqdm import tqdm
 
     from ..kernels.registry import all_specs
-    from ..kernels.resources import resource_usage
+    from ..kernels.resources import summary
 
     specs = all_specs()
     if kernels:
@@ -45,7 +43,7 @@ def compile_all(archs=("sm_80", "sm_90a"), kernels=None, resources=True, out=sys
             kern = spec.build(arch, key, sch)
             row["seconds"] = time.time() - t
             if resources:
-                row.update(resource_usage(kern, arch))
+                row.update(summary(kern))
             row["ok"] = True
         except Exception as e:  # a failed build is a row of the report, not a crash
             row["seconds"] = time.time() - t
@@ -56,15 +54,18 @@ def compile_all(archs=("sm_80", "sm_90a"), kernels=None, resources=True, out=sys
 
 
 def failures(rows: list[dict]) -> list[str]:
+    """Why each failed row fails: a build error, or the resource verdict (spills, shared memory, registers)."""
+    from ..kernels.resources import verdict
+
     bad = []
     for r in rows:
         tag = f"{r['kernel']} {r['arch']} {r['bucket']}"
         if not r["ok"]:
             bad.append(f"{tag}: build failed: {r.get('error')}")
-        elif r.get("spill_stores") or r.get("spill_loads"):
-            bad.append(f"{tag}: spills {r['spill_stores']} B stores / {r['spill_loads']} B loads")
-        elif r.get("dynamic_smem") is not None and r["dynamic_smem"] + (r.get("static_smem") or 0) > SMEM_LIMIT[r["arch"]]:
-            bad.append(f"{tag}: shared memory {r['dynamic_smem']} B over the {SMEM_LIMIT[r['arch']]} B limit")
+        elif "regs" in r:
+            status, why = verdict({r["kernel"]: r}, r["arch"])
+            if status != "ok":
+                bad.append(f"{tag}: {why}")
     return bad
 
 
@@ -79,7 +80,7 @@ def _print_table(rows, out) -> None:
             continue
         spill = (r.get("spill_stores") or 0) + (r.get("spill_loads") or 0)
         print(f"{r['kernel']:14s} {r['arch']:7s} {r['bucket']:22s} {r.get('threads') or '-':>4} "
-              f"{r.get('registers', '-'):>5} {r.get('static_smem', '-'):>8} {r.get('dynamic_smem') or '-':>9} "
+              f"{r.get('regs', '-'):>5} {r.get('static_smem', '-'):>8} {r.get('dyn_smem') or '-':>9} "
               f"{spill:>6} {r.get('stack', '-'):>6} {r['seconds']:6.1f}  {r['schedule']}", file=out)
 
 

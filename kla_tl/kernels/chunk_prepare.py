@@ -66,10 +66,11 @@ def build_chunk_prepare(*, H: int, HV: int, K: int, V: int, in_dtype: str, norma
             eos = chunks[ic, 1]
 
             k_s = T.alloc_shared((C, KP), st)          # raw k, then k^
-            y_s = T.alloc_shared((C, KP), st)          # diag(eta e^gamma) K^, then q^
-            x_s = T.alloc_shared((C, V), st)          # diag(eta / r) V
-            lb_s = T.alloc_shared((C, C), st)         # L in the GEMM dtype
-            a_s = T.alloc_shared((C, C), acc)         # A (fp32)
+            y_s = T.alloc_shared((C, KP), st)          # diag(eta e^gamma) K^
+            qh_s = T.alloc_shared((C, KP), st)         # q^
+            x_s = T.alloc_shared((C, V), st)           # diag(eta / r) V
+            lb_s = T.alloc_shared((C, C), st)          # L in the GEMM dtype
+            a_s = T.alloc_shared((C, C), acc)          # A (fp32)
             g_s = T.alloc_shared((C,), acc)
             gam_s = T.alloc_shared((C,), acc)
             eta_s = T.alloc_shared((C,), acc)
@@ -87,6 +88,7 @@ def build_chunk_prepare(*, H: int, HV: int, K: int, V: int, in_dtype: str, norma
             qsum = T.alloc_fragment((C,), acc)
             s_f = T.alloc_fragment((C, C), acc)
             lcol = T.alloc_local((C,), acc)
+            part = T.alloc_local((4,), acc)
 
             # masked loads: rows past the sequence end are zeros
             for i, d in T.Parallel(C, KP):
@@ -102,7 +104,7 @@ def build_chunk_prepare(*, H: int, HV: int, K: int, V: int, in_dtype: str, norma
                 if t0 + i < eos:
                     gcum[0, t0 + i, hv] = gam_s[i]
 
-            # r_i = sqrt(||k_i||^2 + eps) in fp32;  k^ = k / r
+            # r_i = sqrt(||k_i||^2 + eps) in fp32;  k^ = k / r;  Y = diag(eta e^gamma) K^
             T.copy(k_s, kf)
             for i, d in T.Parallel(C, KP):
                 ksq[i, d] = kf[i, d] * kf[i, d]
@@ -116,45 +118,16 @@ def build_chunk_prepare(*, H: int, HV: int, K: int, V: int, in_dtype: str, norma
             for i, d in T.Parallel(C, KP):
                 kf[i, d] = kf[i, d] * rinv_s[i]
             T.copy(kf, k_s)
-
-            # A = StrictLower(diag(eta) K^ K^^T * Gam)
-            T.gemm(k_s, k_s, gram, transpose_B=True, clear_accum=True)
-            for i, j in T.Parallel(C, C):
-                a_s[i, j] = T.if_then_else(
-                    i > j, eta_s[i] * gram[i, j] * T.exp2((gam_s[i] - gam_s[j]) * LOG2E), 0.0)
-
-            # L = (I + A)^-1 by forward substitution. Columns are independent: thread j < C owns column j in
-            # registers, L[i, j] = [i == j] - sum_{m < i} A[i, m] L[m, j] (zero above the diagonal by induction).
-            # Fully unrolled: register indices are compile-time and A[i, m] is a shared-memory broadcast.
-            tx = T.get_thread_binding()
-            if tx < C:
-                for i in T.unroll(C):
-                    lcol[i] = T.if_then_else(i == tx, 1.0, 0.0)
-                    for m in T.unroll(C):
-                        if m < i:
-                            lcol[i] = lcol[i] - a_s[i, m] * lcol[m]
-                for i in T.unroll(C):
-                    lb_s[i, tx] = lcol[i]
-
-            # w = L diag(eta e^gamma) K^
             for i, d in T.Parallel(C, KP):
                 y_s[i, d] = eta_s[i] * T.exp2(gam_s[i] * LOG2E) * kf[i, d]
-            T.gemm(lb_s, y_s, w_f, clear_accum=True)
-            for i, d in T.Parallel(C, KP):
-                if t0 + i < eos and d < K:
-                    w[0, t0 + i, hv, d] = w_f[i, d]
 
-            # u = L diag(eta / r) V   (the KLA gain 1/r applied in fp32)
+            # X = diag(eta / r) V   (the KLA gain 1/r applied in fp32)
             for i, d in T.Parallel(C, V):
                 vf[i, d] = T.if_then_else(t0 + i < eos, v[0, t0 + i, hv, d], T.cast(0, in_dtype))
             for i, d in T.Parallel(C, V):
                 x_s[i, d] = eta_s[i] * rinv_s[i] * vf[i, d]
-            T.gemm(lb_s, x_s, u_f, clear_accum=True)
-            for i, d in T.Parallel(C, V):
-                if t0 + i < eos:
-                    u[0, t0 + i, hv, d] = u_f[i, d]
 
-            # Aqk = scale (q^ K^^T) * Gam, lower triangle including the diagonal
+            # q^ = q / |q| (optional)
             for i, d in T.Parallel(C, KP):
                 qf[i, d] = T.if_then_else(t0 + i < eos and d < K, q[0, t0 + i, hk, d], T.cast(0, in_dtype))
             if normalize_q:
@@ -162,17 +135,57 @@ def build_chunk_prepare(*, H: int, HV: int, K: int, V: int, in_dtype: str, norma
                     qsq[i, d] = qf[i, d] * qf[i, d]
                 T.reduce_sum(qsq, qsum, dim=1)
                 for i, d in T.Parallel(C, KP):
-                    y_s[i, d] = qf[i, d] * T.rsqrt(qsum[i] + 1e-6)
+                    qh_s[i, d] = qf[i, d] * T.rsqrt(qsum[i] + 1e-6)
                 if hv % G == 0:
                     for i in T.Parallel(C):
                         if t0 + i < eos:
                             rq[0, t0 + i, hk] = T.rsqrt(qsum[i] + 1e-6)
             else:
-                T.copy(qf, y_s)
-            T.gemm(y_s, k_s, s_f, transpose_B=True, clear_accum=True)
+                T.copy(qf, qh_s)
+
+            # A = StrictLower(diag(eta) K^ K^^T * Gam)
+            T.gemm(k_s, k_s, gram, transpose_B=True, clear_accum=True)
+            for i, j in T.Parallel(C, C):
+                a_s[i, j] = T.if_then_else(
+                    i > j, eta_s[i] * gram[i, j] * T.exp2((gam_s[i] - gam_s[j]) * LOG2E), 0.0)
+
+            # Aqk = scale (q^ K^^T) * Gam, lower triangle including the diagonal. Every output goes fragment ->
+            # shared -> global, so the global stores are row-contiguous 16-byte vectors (storing straight from the
+            # MMA fragment layout cost more than all the rest of this kernel on an H100).
+            T.gemm(qh_s, k_s, s_f, transpose_B=True, clear_accum=True)
+            for i, j in T.Parallel(C, C):
+                lb_s[i, j] = T.if_then_else(i >= j, scale * s_f[i, j] * T.exp2((gam_s[i] - gam_s[j]) * LOG2E), 0.0)
             for i, j in T.Parallel(C, C):
                 if t0 + i < eos:
-                    aqk[0, t0 + i, hv, j] = T.if_then_else(
-                        i >= j, scale * s_f[i, j] * T.exp2((gam_s[i] - gam_s[j]) * LOG2E), 0.0)
+                    aqk[0, t0 + i, hv, j] = lb_s[i, j]
+
+            # L = (I + A)^-1 by forward substitution. Columns are independent: thread j < C owns column j in
+            # registers, L[i, j] = [i == j] - sum_{m < i} A[i, m] L[m, j] (zero above the diagonal by induction).
+            # Fully unrolled (register indices are compile-time, A[i, m] is a shared-memory broadcast), with four
+            # partial sums so the FMA chain is not one long dependency; the big fragments above are dead here.
+            tx = T.get_thread_binding()
+            if tx < C:
+                T.clear(lcol)
+                for i in T.unroll(C):
+                    for p in T.unroll(4):
+                        part[p] = 0.0
+                    for m in T.unroll(C):
+                        if m < i:
+                            part[m % 4] = part[m % 4] + a_s[i, m] * lcol[m]
+                    lcol[i] = T.if_then_else(i == tx, 1.0, 0.0) - ((part[0] + part[1]) + (part[2] + part[3]))
+                for i in T.unroll(C):
+                    lb_s[i, tx] = lcol[i]
+
+            # W = L Y,  U = L X  (staged through the now free Y, X tiles)
+            T.gemm(lb_s, y_s, w_f, clear_accum=True)
+            T.copy(w_f, y_s)
+            for i, d in T.Parallel(C, KP):
+                if t0 + i < eos and d < K:
+                    w[0, t0 + i, hv, d] = y_s[i, d]
+            T.gemm(lb_s, x_s, u_f, clear_accum=True)
+            T.copy(u_f, x_s)
+            for i, d in T.Parallel(C, V):
+                if t0 + i < eos:
+                    u[0, t0 + i, hv, d] = x_s[i, d]
 
     return tilelang.compile(chunk_prepare, target=json.loads(target), pass_configs=dict(pass_configs))

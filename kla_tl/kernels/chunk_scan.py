@@ -112,7 +112,10 @@ def build_chunk_scan(*, H: int, HV: int, K: int, V: int, in_dtype: str, normaliz
                 for i, j in T.Parallel(C, block_v):
                     vn_s[i, j] = wh_f[i, j]
                     # the keys' row scaling 1/r e^{gamma_n - gamma} is applied to N instead of K
-                    vd_s[i, j] = wh_f[i, j] * (rk_s[i] * T.exp2((gam_s[nl] - gam_s[i]) * LOG2E))
+                    # masked, not just multiplied by N = 0: rows past the end hold another sequence's gamma,
+                    # where e^{gamma_n - gamma} can overflow (0 * inf = NaN)
+                    vd_s[i, j] = T.if_then_else(
+                        t0 + i < eos, wh_f[i, j] * (rk_s[i] * T.exp2((gam_s[nl] - gam_s[i]) * LOG2E)), 0.0)
                 # O = diag(scale e^gamma / |q|) (Q S) + Aqk N
                 T.gemm(q_s, h_s, o_f, clear_accum=True)
                 for i, j in T.Parallel(C, block_v):
@@ -121,9 +124,10 @@ def build_chunk_scan(*, H: int, HV: int, K: int, V: int, in_dtype: str, normaliz
                     else:
                         o_f[i, j] = o_f[i, j] * (scale * T.exp2(gam_s[i] * LOG2E))
                 T.gemm(a_s, vn_s, o_f)
+                T.copy(o_f, vn_s)                       # staged: row-contiguous vector stores to o
                 for i, j in T.Parallel(C, block_v):
                     if t0 + i < eos and v0 + j < V:
-                        o[0, t0 + i, hv, v0 + j] = o_f[i, j]
+                        o[0, t0 + i, hv, v0 + j] = vn_s[i, j]
                 # S = e^{gamma_n} S + K^T diag(e^{gamma_n - gamma} / r) N
                 for i, j in T.Parallel(KP, block_v):
                     h_f[i, j] = h_f[i, j] * T.exp2(gam_s[nl] * LOG2E)
