@@ -10,10 +10,12 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
-#: Index of the CPU-only torch wheels, used when the machine has no NVIDIA driver (no nvidia-smi). When it cannot
-#: be reached, pip still resolves torch from any other index or wheel directory in its configuration, and if that
-#: fails too the plain `pip install torch` below runs.
+#: CPU-only torch for machines without an NVIDIA driver (no nvidia-smi): the `+cpu` build, from pip's configured
+#: indexes and wheel directories or from PyTorch's CPU index. The local-version pin keeps pip from picking a CUDA
+#: build (several GB of NVIDIA libraries) when the CPU index cannot be reached; if no such wheel exists anywhere,
+#: the plain `pip install torch` below runs.
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+TORCH_CPU_SPEC ?= torch==2.13.0+cpu
 HAVE_NVIDIA_SMI := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo yes)
 PYTEST_ARGS ?= -q --run-slow
 
@@ -29,7 +31,8 @@ $(VENV)/.installed: pyproject.toml
 		$(PIP) install torch; \
 	else \
 		echo "no nvidia-smi: installing the CPU build of torch"; \
-		$(PIP) install --index-url $(TORCH_CPU_INDEX) torch || $(PIP) install torch; \
+		$(PIP) install --retries 0 --timeout 15 --extra-index-url $(TORCH_CPU_INDEX) "$(TORCH_CPU_SPEC)" \
+			|| $(PIP) install torch; \
 	fi
 	$(PIP) install -e ".[test]"
 	touch $@
