@@ -161,7 +161,12 @@ def chunk_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Ten
         grads = (torch.autograd.grad([p[0] for p in pairs], xs, [p[1] for p in pairs], allow_unused=True)
                  if pairs else (None,) * len(xs))
     # With T = 0 no output depends on q, k, v, g, eta (nor on anything without an initial state): zero gradients.
-    grads = tuple(torch.zeros(x.shape, dtype=x.dtype, device=x.device) if gr is None else gr.contiguous()
+    # Outputs must be fresh tensors: a gradient that autograd passes straight through (dh0 = dht when no chunk runs)
+    # would alias an input of this operator.
+    cots = tuple(c for c in (do, dht) if c is not None)
+    grads = tuple(torch.zeros(x.shape, dtype=x.dtype, device=x.device) if gr is None
+                  else (gr.clone() if any(gr.data_ptr() == c.data_ptr() and gr.numel() for c in cots)
+                        else gr.contiguous())
                   for x, gr in zip(xs, grads))
     return grads if has_h0 else (*grads, _absent_state(q, v))
 

@@ -144,46 +144,54 @@ def chunk_kla_reference(q, k, v, g, eta, *, scale: Optional[float] = None, eps: 
     prob, seqs, scale, cdt, qf, kf, vf, gf, ef = _prepare(q, k, v, g, eta, scale, normalize_q, initial_state,
                                                           cu_seqlens)
     HV, K, V = prob.HV, prob.K, prob.V
-    o_parts, finals = [], []
-    for i, (b, bos, eos) in enumerate(seqs):
-        S = _initial(initial_state, i, HV, K, V, cdt, q.device)
-        for c0 in range(bos, eos, chunk_size):
-            c1 = min(c0 + chunk_size, eos)
-            n = c1 - c0
-            Qc = qf[b, c0:c1].transpose(0, 1)                   # [HV, n, K]
-            Kc = kf[b, c0:c1].transpose(0, 1)                   # [HV, n, K]
-            Vc = vf[b, c0:c1].transpose(0, 1)                   # [HV, n, V]
-            gc = gf[b, c0:c1].transpose(0, 1)                   # [HV, n]
-            beta = ef[b, c0:c1].transpose(0, 1) / ((Kc * Kc).sum(-1) + eps)
-            Gam = _segsum(gc)                                   # [HV, n, n], lower incl. diagonal
-            eg = Gam[:, :, 0] * torch.exp(gc[:, :1])            # e^{gamma_i} = exp(sum_{r<=i} g_r)
-            egn = Gam[:, -1, :]                                 # e^{gamma_n - gamma_j}
-            strict = torch.tril(torch.ones(n, n, dtype=torch.bool, device=q.device), -1)
-            A = torch.where(strict, beta[:, :, None] * (Kc @ Kc.transpose(1, 2)) * Gam,
-                            torch.zeros((), dtype=cdt, device=q.device))
-            eye = torch.eye(n, dtype=cdt, device=q.device).expand(HV, n, n)
-            L = torch.linalg.solve_triangular(eye + A, eye, upper=False, unitriangular=True)
-            W = L @ ((beta * eg)[:, :, None] * Kc)
-            U = L @ (beta[:, :, None] * Vc)
-            Nn = U - W @ S
-            O = scale * (eg[:, :, None] * (Qc @ S) + ((Qc @ Kc.transpose(1, 2)) * Gam) @ Nn)
-            o_parts.append((b, c0, c1, O.transpose(0, 1)))
-            S = eg[:, -1, None, None] * S + Kc.transpose(1, 2) @ (egn[:, :, None] * Nn)
-        finals.append(S)
-    o = _assemble_chunks(o_parts, prob, q.dtype, cdt, q.device)
+    step = dict(chunk_size=chunk_size, scale=scale, eps=eps, cdt=cdt)
+    if not prob.is_varlen:
+        # dense batch: the B sequences share their bounds, so every chunk runs for all of them at once
+        S = (initial_state.to(dtype=cdt, copy=True) if initial_state is not None
+             else torch.zeros(prob.B, HV, K, V, dtype=cdt, device=q.device))
+        o, S = _chunk_scan(qf, kf, vf, gf, ef, S, 0, prob.T, **step)
+        return o.to(q.dtype), (S if output_final_state else None)
+    outs, finals = [], []
+    for i, (_, bos, eos) in enumerate(seqs):
+        S = _initial(initial_state, i, HV, K, V, cdt, q.device)[None]
+        o, S = _chunk_scan(qf, kf, vf, gf, ef, S, bos, eos, **step)
+        outs.append(o)
+        finals.append(S[0])
+    o = torch.cat(outs, 1).to(q.dtype) if outs else torch.zeros(1, 0, HV, V, dtype=q.dtype, device=q.device)
     final = torch.stack(finals) if output_final_state else None
     return o, final
 
 
-def _assemble_chunks(parts, prob, out_dtype, cdt, device):
-    if not parts:
-        return torch.zeros(prob.B, prob.T, prob.HV, prob.V, dtype=out_dtype, device=device)
-    if prob.is_varlen:
-        return torch.cat([p[3] for p in parts], 0).to(out_dtype).unsqueeze(0)
-    rows = [[] for _ in range(prob.B)]
-    for b, _, _, O in parts:
-        rows[b].append(O)
-    return torch.stack([torch.cat(r, 0) for r in rows]).to(out_dtype)
+def _chunk_scan(qf, kf, vf, gf, ef, S, bos, eos, *, chunk_size, scale, eps, cdt):
+    """Chunks of tokens [bos, eos) of the rows of ``qf`` (all rows share the bounds); S [R, HV, K, V] is the state
+    before ``bos``. Returns (o [R, eos - bos, HV, V] in ``cdt``, S after ``eos``)."""
+    R, HV, V = S.shape[0], vf.shape[2], vf.shape[3]
+    dev = qf.device
+    zero = torch.zeros((), dtype=cdt, device=dev)
+    parts = []
+    for c0 in range(bos, eos, chunk_size):
+        c1 = min(c0 + chunk_size, eos)
+        n = c1 - c0
+        Qc = qf[:R, c0:c1].transpose(1, 2)                     # [R, HV, n, K]
+        Kc = kf[:R, c0:c1].transpose(1, 2)                     # [R, HV, n, K]
+        Vc = vf[:R, c0:c1].transpose(1, 2)                     # [R, HV, n, V]
+        gc = gf[:R, c0:c1].transpose(1, 2)                     # [R, HV, n]
+        beta = ef[:R, c0:c1].transpose(1, 2) / ((Kc * Kc).sum(-1) + eps)
+        Gam = _segsum(gc)                                      # [R, HV, n, n], lower incl. diagonal
+        eg = Gam[..., :, 0] * torch.exp(gc[..., :1])           # e^{gamma_i} = exp(sum_{r<=i} g_r)
+        egn = Gam[..., -1, :]                                  # e^{gamma_n - gamma_j}
+        strict = torch.tril(torch.ones(n, n, dtype=torch.bool, device=dev), -1)
+        A = torch.where(strict, beta[..., :, None] * (Kc @ Kc.transpose(-1, -2)) * Gam, zero)
+        eye = torch.eye(n, dtype=cdt, device=dev).expand(R, HV, n, n)
+        L = torch.linalg.solve_triangular(eye + A, eye, upper=False, unitriangular=True)
+        W = L @ ((beta * eg)[..., :, None] * Kc)
+        U = L @ (beta[..., :, None] * Vc)
+        Nn = U - W @ S
+        O = scale * (eg[..., :, None] * (Qc @ S) + ((Qc @ Kc.transpose(-1, -2)) * Gam) @ Nn)
+        parts.append(O.transpose(1, 2))                        # [R, n, HV, V]
+        S = eg[..., -1, None, None] * S + Kc.transpose(-1, -2) @ (egn[..., :, None] * Nn)
+    o = torch.cat(parts, 1) if parts else torch.zeros(R, 0, HV, V, dtype=cdt, device=dev)
+    return o, S
 
 
 def kla_decode_reference(q, k, v, g, eta, state, *, state_indices=None, scale=None, eps=DEFAULT_EPS,
