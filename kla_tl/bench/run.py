@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -172,6 +173,7 @@ def run(opts: Options) -> int:
         from tqdm import tqdm
         bar = tqdm(total=len(jobs), desc="kla-tl bench", unit="job", file=sys.stderr, dynamic_ncols=True)
     aborted = None
+    t_start = time.monotonic()
     try:
         for j, (case, impl) in enumerate(jobs):
             if bar is not None:
@@ -185,6 +187,10 @@ def run(opts: Options) -> int:
                 recs.append(r)
             if bar is not None:
                 bar.update(1)
+            else:  # without a bar, one line per job, so a run cut off by a time limit still shows where it was
+                times = ", ".join(f"{r['ms']:.4g} ms" if r.get("ms") else "no time" for r in new)
+                _say(f"[{j + 1}/{len(jobs)}] {case.op} {case.name} {impl.name}: {times} "
+                     f"({time.monotonic() - t_start:.0f} s)")
             if any(r.get("error") for r in new) and not _device_alive(device):
                 aborted = (j + 1, f"{case.op} {case.name} {impl.name}")
                 break
