@@ -7,8 +7,8 @@ tensors, so nothing inside it is ever traced:
 - ``kla_tl::chunk_fwd`` -- the forward. CUDA tensors of a problem the kernels serve run the TileLang kernels
   (:func:`kla_tl.chunk.chunk_fwd`); everything else runs :func:`kla_tl.reference.chunk_kla_reference` (a CUDA
   call that falls back warns once).
-- ``kla_tl::chunk_bwd`` -- the backward: gradients of q, k, v, g, eta and initial_state. Today it recomputes the
-  forward through the reference with autograd, in float32 (float64 for float64 inputs); TileLang backward kernels
+- ``kla_tl::chunk_bwd`` -- the backward: gradients of q, k, v, g, eta and initial_state. Today it runs the
+  hand-written torch chunk backward (kla_tl.reference_bwd), in float32 (float64 for float64 inputs); TileLang kernels
   slot in behind the same signature.
 
 Each has a fake (meta) implementation that derives output shapes and dtypes from input metadata alone, and
@@ -31,7 +31,6 @@ data-dependent (``fullgraph=True`` fails), so while tracing :func:`check_chunk_i
 
 from __future__ import annotations
 
-import contextlib
 from typing import Optional
 
 import torch
@@ -39,6 +38,7 @@ import torch
 from . import dispatch
 from .conventions import check_inputs, state_dtype_for
 from .reference import chunk_kla_reference
+from .reference_bwd import chunk_kla_reference_bwd
 
 #: Name used in error messages and warnings raised inside the operators (the public entry point's name).
 FN = "chunk_kla"
@@ -46,14 +46,6 @@ FN = "chunk_kla"
 INPUT_NAMES = ("q", "k", "v", "g", "eta", "initial_state", "cu_seqlens")
 #: Outputs of ``kla_tl::chunk_bwd``, in order: one gradient per differentiable input (cu_seqlens is not one).
 GRAD_NAMES = INPUT_NAMES[:6]
-#: The autograd dispatch keys (a set of one per-backend key removes the Autograd functionality for every backend)
-#: and ADInplaceOrView: what an operator's implementation runs without (see _autograd_inside_operator).
-_AUTOGRAD_KEYS = (torch._C.DispatchKeySet(torch._C.DispatchKey.AutogradCPU)
-                  | torch._C.DispatchKeySet(torch._C.DispatchKey.AutogradOther)
-                  | torch._C.DispatchKeySet(torch._C.DispatchKey.AutogradNestedTensor)
-                  | torch._C.DispatchKeySet(torch._C.DispatchKey.ADInplaceOrView))
-
-
 def _absent_state(q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """The empty ``[0, HV, K, V]`` stand-in for a state (or state gradient) that is not there."""
     return q.new_empty(0, v.shape[2], q.shape[3], v.shape[3], dtype=state_dtype_for(q.dtype))
@@ -66,22 +58,6 @@ def _num_seqs(q: torch.Tensor, initial_state: Optional[torch.Tensor], cu_seqlens
     if cu_seqlens is not None:
         return cu_seqlens.shape[0] - 1
     return q.shape[0]
-
-
-@contextlib.contextmanager
-def _autograd_inside_operator():
-    """Grad mode plus the autograd dispatch keys, inside an operator's implementation.
-
-    An operator's implementation runs below the autograd key: the dispatcher's thread-local exclude set holds the
-    autograd keys, so ``torch.enable_grad()`` alone records nothing. ``torch.func.vjp`` avoids that but fails when
-    the operator runs inside a ``__torch_dispatch__`` mode (opcheck's schema and fake-tensor checks, FlopCounterMode):
-    its wrapper tensors reach the backend kernels. So lift the exclusion of the autograd keys (and ADInplaceOrView,
-    which autograd needs for views) for the duration, leaving every other key as the dispatcher set it. Private
-    torch API (torch._C); tests/test_ops.py runs opcheck on kla_tl::chunk_bwd to catch a change.
-    """
-    exclude = torch._C._dispatch_tls_local_exclude_set() - _AUTOGRAD_KEYS
-    with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude), torch.enable_grad():
-        yield
 
 
 # --------------------------------------------------------------------------------------------------- forward
@@ -146,29 +122,23 @@ def chunk_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Ten
     Returns:
         Each gradient in its input's shape and dtype, dense; dh0 is the empty placeholder without initial_state.
 
-    Today: recomputation through :func:`chunk_kla_reference` with autograd (float32 arithmetic, float64 for
-    float64 inputs). A CUDA call warns once that it runs on the reference.
+    Today: :func:`kla_tl.reference_bwd.chunk_kla_reference_bwd`, the hand-written chunk backward of KLA.md section 6
+    in plain torch (float32 arithmetic, float64 for float64 inputs). A CUDA call warns once that it runs there.
     """
     if q.device.type == "cuda":
-        dispatch.warn_once(FN, "backward recomputes through the torch reference (no TileLang backward kernel yet)")
-    has_h0, has_dht = initial_state is not None, dht is not None
-    with _autograd_inside_operator():
-        xs = [x.detach().requires_grad_(True) for x in (q, k, v, g, eta) + ((initial_state,) if has_h0 else ())]
-        o, ht = chunk_kla_reference(*xs[:5], scale=scale, eps=eps, normalize_q=normalize_q,
-                                    initial_state=xs[5] if has_h0 else None, output_final_state=has_dht,
-                                    cu_seqlens=cu_seqlens)
-        pairs = [(out, cot) for out, cot in ((o, do), (ht, dht)) if cot is not None and out.requires_grad]
-        grads = (torch.autograd.grad([p[0] for p in pairs], xs, [p[1] for p in pairs], allow_unused=True)
-                 if pairs else (None,) * len(xs))
-    # With T = 0 no output depends on q, k, v, g, eta (nor on anything without an initial state): zero gradients.
-    # Outputs must be fresh tensors: a gradient that autograd passes straight through (dh0 = dht when no chunk runs)
-    # would alias an input of this operator.
+        dispatch.warn_once(FN, "backward runs the hand-written torch chunk backward (no TileLang backward kernel "
+                               "yet)")
+    gr = chunk_kla_reference_bwd(q, k, v, g, eta, do, dht=dht, scale=scale, eps=eps, normalize_q=normalize_q,
+                                 initial_state=initial_state, cu_seqlens=cu_seqlens)
+    # Outputs must be fresh, dense tensors that alias no input (dh0 is dht itself when no chunk runs).
     cots = tuple(c for c in (do, dht) if c is not None)
-    grads = tuple(torch.zeros(x.shape, dtype=x.dtype, device=x.device) if gr is None
-                  else (gr.clone() if any(gr.data_ptr() == c.data_ptr() and gr.numel() for c in cots)
-                        else gr.contiguous())
-                  for x, gr in zip(xs, grads))
-    return grads if has_h0 else (*grads, _absent_state(q, v))
+
+    def fresh(x):
+        return x.clone() if any(x.numel() and x.data_ptr() == c.data_ptr() for c in cots) else x.contiguous()
+
+    grads = tuple(fresh(gr[n]) for n in ("dq", "dk", "dv", "dg", "deta"))
+    dh0 = fresh(gr["dh0"]) if initial_state is not None else _absent_state(q, v)
+    return (*grads, dh0)
 
 
 @chunk_bwd_op.register_fake
