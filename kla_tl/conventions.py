@@ -155,7 +155,7 @@ def _check_scalar_opts(fn, scale, eps):
         _fail(fn, f"scale must be a float or None, got {type(scale).__name__}", TypeError)
     if not isinstance(eps, (int, float)) or isinstance(eps, bool):
         _fail(fn, f"eps must be a positive finite float, got {eps!r}", TypeError)
-    if not (eps > 0 and math.isfinite(eps)):
+    if not 0 < eps < math.inf:  # also rejects NaN; plain comparisons trace under torch.compile(dynamic=True)
         _fail(fn, f"eps must be a positive finite float, got {eps!r}")
 
 

@@ -244,9 +244,6 @@ def test_compiled_call_still_rejects_bad_cu_seqlens():
         compiled(*inp.args(), inp.initial_state, bad)
 
 
-@pytest.mark.xfail(raises=torch._dynamo.exc.Unsupported, strict=True,
-                   reason="conventions._check_scalar_opts calls math.isfinite(eps); with dynamic=True eps is a "
-                          "SymFloat and dynamo cannot trace math.isfinite on it (`0 < eps < math.inf` can)")
 def test_compile_dynamic_shapes_two_varlen_layouts():
     def step(q, k, v, g, eta, initial_state, cu_seqlens):
         o, ht = chunk_kla(q, k, v, g, eta, initial_state=initial_state, cu_seqlens=cu_seqlens, normalize_q=True,
