@@ -2,9 +2,13 @@
 Hopper path and the Ampere-on-Hopper path, so that a GPU run loads them from ``TILELANG_CACHE_DIR`` instead of
 compiling.
 
-    TILELANG_CACHE_DIR=.tlcache python tools/warm_cache.py
+    TILELANG_CACHE_DIR=.tlcache python tools/warm_cache.py [--suite quick|full]
+
+``--suite`` adds the chunk problems of that ``kla-tl bench`` suite: each timed shape and the smaller shape its
+correctness check runs (the kernels' untuned scan schedule depends on the number of sequences, so both are needed).
 """
 
+import argparse
 import sys
 import time
 
@@ -36,10 +40,32 @@ CASES = [
 ]
 
 
+def suite_cases(suite: str) -> list:
+    """CASES-style tuples for the chunk ops of a bench suite: the timed shapes and their check shapes."""
+    from kla_tl.bench import harness, suites
+
+    out = []
+    for c in suites.expand(suites.load(), suite):
+        if c.op not in ("chunk_fwd", "chunk_fwdbwd"):
+            continue
+        dt = harness.torch_dtype(c.dtype)
+        n_timed = len(c.varlen) if c.varlen else c.B
+        n_check = len(harness.CHECK_VARLEN) if c.varlen else min(c.B, harness.CHECK_B)
+        for n in (n_timed, n_check):
+            case = (c.B, c.T, c.H, c.HV, c.K, c.V, dt, c.normalize_q, False, n)
+            if case not in out:
+                out.append(case)
+    return out
+
+
 def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--suite", help="also build the chunk problems of this kla-tl bench suite (quick, full)")
+    args = ap.parse_args()
+    cases = CASES + (suite_cases(args.suite) if args.suite else [])
     t_all = time.time()
     for arch, on_hopper in (("sm_90a", False), ("sm_80", True)):
-        for B, T, H, HV, K, V, dt, nq, h0, N in CASES:
+        for B, T, H, HV, K, V, dt, nq, h0, N in cases:
             prob = Problem(B=B, T=T, H=H, HV=HV, K=K, V=V, N=N, dtype=dt, is_varlen=False, use_h0=h0,
                            normalize_q=nq)
             t = time.time()
