@@ -117,9 +117,19 @@ class Impl:
             return f"{self.package} is not installed"
         return None
 
+    #: module imported to prove the package works (None: nothing to import)
+    import_module: Optional[str] = None
+
     def available(self, device: torch.device) -> Optional[str]:
-        """None when it can run on ``device`` at all (this imports the package), else why not."""
-        return self.installed()
+        """None when it can run on ``device`` at all (this imports ``import_module``), else why not."""
+        if self.installed():
+            return self.installed()
+        if self.import_module:
+            try:
+                importlib.import_module(self.import_module)
+            except Exception as e:  # noqa: BLE001 -- any import failure makes the peer unavailable
+                return f"{self.import_module} not importable ({type(e).__name__}: {e})"
+        return None
 
     def unsupported(self, case, device: torch.device) -> Optional[str]:
         """None when it can run ``case`` on ``device``, else why not."""
@@ -214,15 +224,7 @@ class KlaTlAmpere(KlaTl):
 class _FlaBase(Impl):
     call_env = {"FLA_FLASH_QLA": "0"}
     package = "fla"
-
-    def available(self, device):
-        if self.installed():
-            return self.installed()
-        try:
-            importlib.import_module("fla.ops.gated_delta_rule")
-        except Exception as e:  # noqa: BLE001 -- any import failure makes the peer unavailable
-            return f"fla not importable ({type(e).__name__}: {e})"
-        return None
+    import_module = "fla.ops.gated_delta_rule"
 
     def unsupported(self, case, device):
         r = super().unsupported(case, device)
@@ -268,15 +270,7 @@ class FlashQla(Impl):
     name = "flash_qla"
     ops = ("chunk_fwd", "chunk_fwdbwd")
     package = "flash_qla"
-
-    def available(self, device):
-        if self.installed():
-            return self.installed()
-        try:
-            importlib.import_module("flash_qla")
-        except Exception as e:  # noqa: BLE001
-            return f"flash_qla not importable ({type(e).__name__}: {e})"
-        return None
+    import_module = "flash_qla"
 
     def unsupported(self, case, device):
         r = super().unsupported(case, device)
