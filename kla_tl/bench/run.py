@@ -166,6 +166,26 @@ def run(opts: Options) -> int:
     results = records.new_results(dev, versions_=records.versions(), ceilings=ceilings, settings=settings,
                                   commit=commit, dirty=dirty)
 
+    out = opts.out or default_out(dev["key"])
+    existing = None
+    if opts.merge and os.path.exists(out):
+        existing = records.load(out)
+        try:
+            records.merge(existing, results)
+        except ValueError as e:
+            _say(f"{e}; use another --out")
+            return 2
+
+    def save(recs: list[dict]) -> list[str]:
+        """Write what has been measured so far (after every job, so a run cut off by a time limit keeps it)."""
+        data = dict(results, records=[records.derive(dict(r), ceilings) for r in recs])
+        if existing is not None:
+            data = records.merge(existing, data)
+        problems = records.validate(data)
+        if not problems:
+            records.save(data, out)
+        return problems
+
     jobs = [(c, peers.IMPLS[n]) for c in cases for n in runnable if c.op in peers.IMPLS[n].ops]
     recs: list[dict] = []
     bar = None
@@ -185,6 +205,7 @@ def run(opts: Options) -> int:
                 if commit:
                     r["commit"] = commit[:12]
                 recs.append(r)
+            save(recs)
             if bar is not None:
                 bar.update(1)
             else:  # without a bar, one line per job, so a run cut off by a time limit still shows where it was
@@ -205,24 +226,11 @@ def run(opts: Options) -> int:
     for env_vars, names in children:
         recs = records.merge_records(recs, _run_child(opts, env_vars, names, device))
 
-    results["records"] = recs
-    for r in results["records"]:
-        records.derive(r, ceilings)
-    out = opts.out or default_out(dev["key"])
-    if opts.merge and os.path.exists(out):
-        try:
-            results = records.merge(records.load(out), results)
-        except ValueError as e:
-            out = f"{os.path.splitext(out)[0]}.{dev['key']}.json"
-            _say(f"{e}; this run is saved to {out} instead")
-            records.save(results, out)
-            return 2
-    problems = records.validate(results)
+    problems = save(recs)
     if problems:
         _say("internal error, the results do not validate: " + "; ".join(problems[:5]))
         return 1
-    records.save(results, out)
     timed = sum(1 for r in recs if r.get("ms"))
-    _say(f"{timed} timed record(s), {len(recs) - timed} without a time (see 'error'); "
-         f"{len(results['records'])} in {out}")
+    total = len(records.load(out)["records"])
+    _say(f"{timed} timed record(s), {len(recs) - timed} without a time (see 'error'); {total} in {out}")
     return 1 if aborted is not None else 0
