@@ -375,3 +375,32 @@ def test_report_writes_plots_when_matplotlib_is_installed(tmp_path):
     assert main(["report", "--results", str(rp), "--out", str(tmp_path)]) == 0
     assert (tmp_path / "roofline.png").is_file() and (tmp_path / "speedup_chunk_fwd.png").is_file()
     assert "![roofline](roofline.png)" in (tmp_path / "report.md").read_text()
+
+
+def test_host_timer_counts_host_time_per_call():
+    import time as _time
+    calls = []
+
+    def fn():
+        calls.append(1)
+        _time.sleep(0.002)
+    t = timing.bench_host([fn, fn], device=__import__("torch").device("cpu"), calls=5, batches=3)
+    assert len(calls) == 10 + 15
+    assert 1.9 <= t.ms <= 20.0 and t.p20 <= t.ms <= t.p80
+
+
+def test_bench_results_survive_a_run_cut_off_after_the_first_job(fake_clock, suites_file, tmp_path, monkeypatch):
+    out = tmp_path / "r.json"
+    real = harness.run_job
+    n = []
+
+    def run_job(*a, **kw):
+        n.append(1)
+        if len(n) == 2:
+            raise KeyboardInterrupt          # a time limit killing the run after the first job
+        return real(*a, **kw)
+    monkeypatch.setattr(harness, "run_job", run_job)
+    with pytest.raises(KeyboardInterrupt):
+        _bench(suites_file, out)
+    data = records.load(str(out))
+    assert len(data["records"]) >= 1 and not records.validate(data)

@@ -339,7 +339,11 @@ def _time_decode(impl, case, device, extra, *, warmup_ms, rep_ms, max_sets, seed
         out = []
         rec = _base_record(case, impl.name, False)
         rec.update(extra, sets=n)
-        out.append(_timed(rec, timing.bench_eager(fns, device=device, warmup_ms=warmup_ms, rep_ms=rep_ms)))
+        _timed(rec, timing.bench_eager(fns, device=device, warmup_ms=warmup_ms, rep_ms=rep_ms))
+        if device.type == "cuda":           # with host overhead: what a caller waits per eager step
+            host = timing.bench_host(fns, device=device)
+            rec["host_ms"], rec["host_spread"] = host.ms, host.spread
+        out.append(rec)
         rec = _base_record(case, impl.name, True)
         rec.update(extra, sets=n)
         if device.type != "cuda":

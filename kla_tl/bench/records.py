@@ -11,7 +11,8 @@ Format (``schema`` 1)::
      "settings": {"suite": "quick", "warmup_ms": 10, "rep_ms": 40, ...},
      "records": [{"op", "impl", "shape": {"B","T","H","HV","K","V","dtype","state_dtype","varlen"},
                   "ms", "spread", "graph", ...optional: "p20", "p80", "tflops", "gbps", "frac_flops", "frac_bw",
-                  "peak_gib", "backend", "schedule", "check", "case", "sets", "commit", "error"}]}
+                  "peak_gib", "backend", "schedule", "check", "case", "sets", "commit", "error",
+                  "host_ms", "host_spread" (decode eager: wall clock per back-to-back call, host overhead included)}]}
 
 A record's identity is ``(op, impl, shape, graph)``; merging replaces records of the same identity and keeps the
 others (``kla-tl bench --merge``), so a suite can be run in pieces. ``ms`` is null exactly when ``error`` says why.

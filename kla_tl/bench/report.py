@@ -200,6 +200,11 @@ def op_section(op: str, rows: dict, deltas: dict, threshold: float) -> list[str]
         shape = json.loads(shape_json)
         cells = [shape_label(shape)] + (["graph" if graph else "eager"] if decode else [])
         cells += [_ms(row.get(i)) for i in impls]
+        if decode:
+            hosts = [f"{i} {1e3 * row[i]['host_ms']:.1f} µs" for i in impls if row.get(i) and row[i].get("host_ms")]
+            if hosts:
+                notes.append(f"- {shape_label(shape)} eager, wall clock per back-to-back call (host included): "
+                             + ", ".join(hosts))
         k = row.get(PRIMARY)
         if has_primary:
             for p in peers_here:

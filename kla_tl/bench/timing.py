@@ -3,6 +3,9 @@
 - :func:`bench_eager`: ``triton.testing.do_bench`` (L2 flushed before every call, CUDA events around the call only)
   over a list of callables that are called in rotation, so consecutive calls touch different input sets; returns
   the median and the 20th/80th percentiles.
+- :func:`bench_host`: wall clock per call of back-to-back calls, synchronized once per batch: what a caller waits
+  per step when host work (validation, dispatch, launch) is not hidden behind GPU work. ``do_bench`` hides up to
+  the duration of its L2 flush of host time, so for microsecond-scale decode steps this is the honest eager figure.
 - :func:`bench_graph`: one CUDA graph holding one call per input set, replayed many times; per-call time = replay
   time / number of sets. Host launch overhead disappears; this is how a serving engine runs decode.
 - :func:`measure_ceilings`: device-to-device copy bandwidth (read + write bytes) and a large bf16 GEMM, in the same
@@ -74,6 +77,25 @@ def bench_eager(fns: Sequence[Callable[[], object]], *, device: torch.device, wa
                                         quantiles=[0.5, 0.2, 0.8])
             return Timing(float(q[0]), float(q[1]), float(q[2]))
     return _bench_wallclock(step, warmup_ms=warmup_ms, rep_ms=rep_ms, grad_to_none=grad_to_none, cuda=on_cuda)
+
+
+def bench_host(fns: Sequence[Callable[[], object]], *, device: torch.device, calls: int = 200,
+               batches: int = 15) -> Timing:
+    """Per-call wall time of ``calls`` back-to-back calls (rotating over ``fns``), synchronized before and after each
+    batch; median and p20/p80 over ``batches`` batches. Includes host overhead (no L2 flush in between)."""
+    step = _rotating(fns)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(max(10, calls // 10)):
+        step()
+    sync()
+    samples = []
+    for _ in range(batches):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            step()
+        sync()
+        samples.append((time.perf_counter() - t0) * 1e3 / calls)
+    return _quantiles(samples)
 
 
 def _bench_wallclock(step, *, warmup_ms, rep_ms, grad_to_none, cuda: bool) -> Timing:
