@@ -13,9 +13,11 @@ g (log-decay)  [B, T, HV]          floating, g <= 0
 eta            [B, T, HV]          floating, eta in (0, 1)
 o              [B, T, HV, V]       q.dtype
 state          [N, HV, K, V]       float32 (float64 when q is float64); K-major
-state pool     [N_slots, HV, K, V] float32 or bfloat16 (``kla_decode`` only)
+state pool     [N_slots, HV, K, V] float32 or bfloat16 (``kla_decode``; ``fused_recurrent_kla`` with state_indices)
 cu_seqlens     [N + 1]             int32 / int64, starts at 0, non-decreasing, ends at T; B == 1
-state_indices  [B]                 int32, each in [-1, N_slots); -1 marks a padding row
+state_indices  [B] or [N]          int32, each in [-1, N_slots); -1 marks a padding row / sequence
+per-token      [B * T, HV, K, V]   float32 or bfloat16 (``fused_recurrent_kla`` intermediate_states); token-major:
+states                             row ``b * T + t`` (dense) or ``t`` of the packed axis (varlen); contiguous
 =============  ==================  ===========================================================
 
 Validation never reads tensor *values* on a CUDA device except ``cu_seqlens`` (needed on the host anyway to plan
@@ -32,7 +34,8 @@ import torch
 
 #: Dtypes accepted for q, k, v.
 QKV_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-#: Dtypes accepted for a ``kla_decode`` state pool.
+#: Dtypes accepted for a state pool (``kla_decode``, ``fused_recurrent_kla`` with state_indices) and for the
+#: per-token state buffer of ``fused_recurrent_kla`` (float64 runs on the reference).
 POOL_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
 #: Integer dtypes accepted for cu_seqlens.
 CU_SEQLENS_DTYPES = (torch.int32, torch.int64)
@@ -159,6 +162,42 @@ def _check_scalar_opts(fn, scale, eps):
         _fail(fn, f"eps must be a positive finite float, got {eps!r}")
 
 
+def _check_pool(fn: str, name: str, pool, HV: int, K: int, V: int, device):
+    """A state pool ``[N_slots, HV, K, V]`` of a POOL_DTYPES dtype on ``device`` (any N_slots)."""
+    _check_tensor(fn, name, pool, 4, "[N_slots, HV, K, V]")
+    if tuple(pool.shape[1:]) != (HV, K, V):
+        _fail(fn, f"{name} must have shape [N_slots, HV, K, V] with (HV, K, V)={(HV, K, V)}, got {tuple(pool.shape)}")
+    if pool.dtype not in POOL_DTYPES:
+        _fail(fn, f"{name} must have dtype in ({_names(POOL_DTYPES)}), got {_dt(pool.dtype)}", TypeError)
+    if pool.device != device:
+        _fail(fn, f"all tensors must be on one device; q is on {device}, {name} is on {pool.device}")
+
+
+def _check_state_indices(fn: str, state_indices, n: int, n_name: str, n_slots: int, device, *,
+                         distinct: bool = False):
+    """int32 ``state_indices [n]`` on ``device``; host tensors are also value-checked: each in [-1, n_slots), and
+    with ``distinct`` no slot twice (a slot written by two rows or sequences would race)."""
+    if not isinstance(state_indices, torch.Tensor):
+        _fail(fn, f"state_indices must be an int32 torch.Tensor [{n_name}], got {type(state_indices).__name__}",
+              TypeError)
+    if state_indices.dtype != torch.int32:
+        _fail(fn, f"state_indices must have dtype int32, got {_dt(state_indices.dtype)}", TypeError)
+    if tuple(state_indices.shape) != (n,):
+        _fail(fn, f"state_indices must have shape [{n_name}]=({n},), got {tuple(state_indices.shape)}")
+    if state_indices.device != device:
+        _fail(fn, f"all tensors must be on one device; q is on {device}, state_indices is on {state_indices.device}")
+    if state_indices.device.type == "cpu" and n > 0:
+        lo, hi = int(state_indices.min()), int(state_indices.max())
+        if lo < -1 or hi >= n_slots:
+            _fail(fn, f"state_indices must be in [-1, N_slots={n_slots}), got values in [{lo}, {hi}]")
+        if distinct:
+            live = state_indices[state_indices >= 0]
+            uniq, counts = torch.unique(live, return_counts=True)
+            if bool((counts > 1).any()):
+                _fail(fn, f"state_indices must not repeat a slot when inplace_final_state=True (the final states "
+                          f"would race), got slot(s) {uniq[counts > 1].tolist()} more than once")
+
+
 def state_dtype_for(dtype: torch.dtype) -> torch.dtype:
     """Recurrent-state dtype for inputs of ``dtype``: float32, or float64 for float64 inputs."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -195,6 +234,59 @@ def check_inputs(fn: str, q, k, v, g, eta, *, scale=None, eps=DEFAULT_EPS, norma
             _fail(fn, f"all tensors must be on one device; q is on {q.device}, initial_state is on {initial_state.device}")
     prob = Problem(B=B, T=T, H=H, HV=HV, K=K, V=V, N=N, dtype=q.dtype, is_varlen=cu is not None,
                    use_h0=initial_state is not None, normalize_q=normalize_q)
+    return prob, cu
+
+
+def check_recurrent_inputs(fn: str, q, k, v, g, eta, *, scale=None, eps=DEFAULT_EPS, normalize_q=False,
+                           initial_state=None, cu_seqlens=None, state_indices=None, inplace_final_state=False,
+                           intermediate_states=None) -> tuple[Problem, Optional[list[int]]]:
+    """Validate the arguments of ``fused_recurrent_kla``: those of :func:`check_inputs`, plus the serving options.
+
+    - ``state_indices`` (int32 ``[N]``) makes ``initial_state`` a pool ``[N_slots, HV, K, V]`` (POOL_DTYPES) whose
+      slot ``state_indices[n]`` is sequence n's initial state (-1: padding sequence). Without it, ``initial_state``
+      is ``[N, HV, K, V]`` as in :func:`check_inputs`.
+    - ``inplace_final_state`` (bool) needs ``state_indices`` and a contiguous pool, and live slots that do not repeat
+      (checked for host tensors).
+    - ``intermediate_states``: a contiguous ``[B * T, HV, K, V]`` buffer of a POOL_DTYPES dtype.
+
+    Returns the :class:`Problem` (``use_h0`` True in pool mode) and ``cu_seqlens`` as a host list (or None).
+    """
+    pool_mode = state_indices is not None
+    prob, cu = check_inputs(fn, q, k, v, g, eta, scale=scale, eps=eps, normalize_q=normalize_q,
+                            initial_state=None if pool_mode else initial_state, cu_seqlens=cu_seqlens)
+    if not isinstance(inplace_final_state, bool):
+        _fail(fn, f"inplace_final_state must be a bool, got {type(inplace_final_state).__name__}", TypeError)
+    if pool_mode:
+        if initial_state is None:
+            _fail(fn, "state_indices addresses the slots of a state pool: pass the pool as initial_state "
+                      "[N_slots, HV, K, V], got initial_state=None")
+        _check_pool(fn, "initial_state", initial_state, prob.HV, prob.K, prob.V, q.device)
+        _check_state_indices(fn, state_indices, prob.N, "N", initial_state.shape[0], q.device,
+                             distinct=inplace_final_state)
+        if inplace_final_state and not initial_state.is_contiguous():
+            _fail(fn, f"initial_state must be contiguous with inplace_final_state=True (the pool is updated in "
+                      f"place), got shape {tuple(initial_state.shape)}, strides {tuple(initial_state.stride())}")
+        prob = Problem(B=prob.B, T=prob.T, H=prob.H, HV=prob.HV, K=prob.K, V=prob.V, N=prob.N, dtype=prob.dtype,
+                       is_varlen=prob.is_varlen, use_h0=True, normalize_q=prob.normalize_q)
+    elif inplace_final_state:
+        _fail(fn, "inplace_final_state=True needs state_indices (the slots of the initial_state pool to update; "
+                  "torch.arange(N, dtype=torch.int32) for slot n = sequence n), got state_indices=None")
+    if intermediate_states is not None:
+        rows = prob.B * prob.T
+        _check_tensor(fn, "intermediate_states", intermediate_states, 4, "[B * T, HV, K, V]")
+        want = (rows, prob.HV, prob.K, prob.V)
+        if tuple(intermediate_states.shape) != want:
+            _fail(fn, f"intermediate_states must have shape [B * T, HV, K, V]={want} (one state per token, "
+                      f"token-major), got {tuple(intermediate_states.shape)}")
+        if intermediate_states.dtype not in POOL_DTYPES:
+            _fail(fn, f"intermediate_states must have dtype in ({_names(POOL_DTYPES)}), "
+                      f"got {_dt(intermediate_states.dtype)}", TypeError)
+        if intermediate_states.device != q.device:
+            _fail(fn, f"all tensors must be on one device; q is on {q.device}, intermediate_states is on "
+                      f"{intermediate_states.device}")
+        if not intermediate_states.is_contiguous():
+            _fail(fn, f"intermediate_states must be contiguous (it is written in place), got strides "
+                      f"{tuple(intermediate_states.stride())}")
     return prob, cu
 
 
@@ -254,29 +346,12 @@ def _check_decode_inputs(fn: str, q, k, v, g, eta, state, *, state_indices=None,
     _check_scalar_opts(fn, scale, eps)
     if not isinstance(normalize_q, bool):
         _fail(fn, f"normalize_q must be a bool, got {type(normalize_q).__name__}", TypeError)
-    _check_tensor(fn, "state", state, 4, "[N_slots, HV, K, V]")
-    if tuple(state.shape[1:]) != (HV, K, V):
-        _fail(fn, f"state must have shape [N_slots, HV, K, V] with (HV, K, V)={(HV, K, V)}, got {tuple(state.shape)}")
-    if state.dtype not in POOL_DTYPES:
-        _fail(fn, f"state must have dtype in ({_names(POOL_DTYPES)}), got {_dt(state.dtype)}", TypeError)
-    if state.device != q.device:
-        _fail(fn, f"all tensors must be on one device; q is on {q.device}, state is on {state.device}")
+    _check_pool(fn, "state", state, HV, K, V, q.device)
     if state_indices is None:
         if state.shape[0] != B:
             _fail(fn, f"without state_indices the state pool must have B={B} slots, got state.shape[0]={state.shape[0]}")
     else:
-        if not isinstance(state_indices, torch.Tensor):
-            _fail(fn, f"state_indices must be an int32 torch.Tensor [B], got {type(state_indices).__name__}", TypeError)
-        if state_indices.dtype != torch.int32:
-            _fail(fn, f"state_indices must have dtype int32, got {_dt(state_indices.dtype)}", TypeError)
-        if tuple(state_indices.shape) != (B,):
-            _fail(fn, f"state_indices must have shape [B]=({B},), got {tuple(state_indices.shape)}")
-        if state_indices.device != q.device:
-            _fail(fn, f"all tensors must be on one device; q is on {q.device}, state_indices is on {state_indices.device}")
-        if state_indices.device.type == "cpu" and B > 0:
-            lo, hi = int(state_indices.min()), int(state_indices.max())
-            if lo < -1 or hi >= state.shape[0]:
-                _fail(fn, f"state_indices must be in [-1, N_slots={state.shape[0]}), got values in [{lo}, {hi}]")
+        _check_state_indices(fn, state_indices, B, "B", state.shape[0], q.device)
     if out is not None:
         if not isinstance(out, torch.Tensor):
             _fail(fn, f"out must be a torch.Tensor [B, 1, HV, V], got {type(out).__name__}", TypeError)

@@ -77,13 +77,22 @@ def decode_refusal(prob: Problem, device: torch.device, state: torch.Tensor) -> 
     return _no_schedule("decode", prob, state_dtype=_TL[state.dtype], split_k=True)
 
 
-def recurrent_refusal(prob: Problem, device: torch.device, *, needs_grad: bool) -> Optional[str]:
-    """Why the TileLang fused recurrent kernel cannot serve this call (None = it can)."""
+def recurrent_refusal(prob: Problem, device: torch.device, *, needs_grad: bool,
+                      pool_dtype: Optional[torch.dtype] = None,
+                      inter_dtype: Optional[torch.dtype] = None) -> Optional[str]:
+    """Why the TileLang fused recurrent kernel cannot serve this call (None = it can). ``pool_dtype``: dtype of the
+    initial_state pool (with state_indices); ``inter_dtype``: dtype of intermediate_states (None = not given)."""
     reason = dispatch.common_refusal(prob, device)
     if reason is not None:
         return reason
     if needs_grad:
         return "fused_recurrent_kla has no backward kernel; use chunk_kla for training"
+    if pool_dtype is not None and pool_dtype not in _POOL_DTYPES:
+        return (f"initial_state pool dtype {_dt(pool_dtype)} (the fused recurrent kernel reads float32 or bfloat16 "
+                f"pools)")
+    if inter_dtype is not None and inter_dtype not in _POOL_DTYPES:
+        return (f"intermediate_states dtype {_dt(inter_dtype)} (the fused recurrent kernel writes float32 or "
+                f"bfloat16 states)")
     return _no_schedule("fused_recurrent", prob, state_dtype="float32", split_k=False)
 
 
@@ -185,11 +194,19 @@ def decode_key(prob: Problem, *, dtype: torch.dtype, gate_dtype: torch.dtype, st
 
 
 def fused_key(prob: Problem, *, dtype: torch.dtype, gate_dtype: torch.dtype, use_h0: bool, store_ht: bool,
-              normalize_q: bool) -> dict:
-    """Problem key of the fused recurrent kernel (B, T and the number of sequences are dynamic)."""
-    return {"H": prob.H, "HV": prob.HV, "K": prob.K, "V": prob.V, "dtype": _TL[dtype], "gate_dtype": _TL[gate_dtype],
-            "use_h0": bool(use_h0), "store_ht": bool(store_ht), "is_varlen": bool(prob.is_varlen),
-            "normalize_q": bool(normalize_q)}
+              normalize_q: bool, state_dtype: torch.dtype = torch.float32, use_indices: bool = False,
+              is_inplace: bool = False, store_inter: bool = False,
+              inter_dtype: torch.dtype = torch.float32) -> dict:
+    """Problem key of the fused recurrent kernel (B, T and the number of sequences are dynamic). The serving flags
+    (pool dtype, state_indices, in-place final state, per-token states) appear only when one is on, so the keys of
+    plain calls are those of earlier releases."""
+    key = {"H": prob.H, "HV": prob.HV, "K": prob.K, "V": prob.V, "dtype": _TL[dtype], "gate_dtype": _TL[gate_dtype],
+           "use_h0": bool(use_h0), "store_ht": bool(store_ht), "is_varlen": bool(prob.is_varlen),
+           "normalize_q": bool(normalize_q)}
+    if use_indices or store_inter:
+        key.update(state_dtype=_TL[state_dtype], use_indices=bool(use_indices), is_inplace=bool(is_inplace),
+                   store_inter=bool(store_inter), inter_dtype=_TL[inter_dtype])
+    return key
 
 
 def kernel_info(name: str, device: torch.device, key: dict) -> dict:
@@ -319,32 +336,60 @@ def fused_recurrent_kla_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                                eta: torch.Tensor, *, prob: Problem, cu: Optional[list] = None,
                                scale: Optional[float] = None, eps: float = DEFAULT_EPS, normalize_q: bool = False,
                                initial_state: Optional[torch.Tensor] = None, output_final_state: bool = False,
-                               cu_seqlens: Optional[torch.Tensor] = None):
-    """Launch the fused recurrence (inputs validated by :func:`kla_tl.conventions.check_inputs`).
+                               cu_seqlens: Optional[torch.Tensor] = None,
+                               state_indices: Optional[torch.Tensor] = None, inplace_final_state: bool = False,
+                               intermediate_states: Optional[torch.Tensor] = None):
+    """Launch the fused recurrence (inputs validated by :func:`kla_tl.conventions.check_recurrent_inputs`).
 
     Returns ``(o, final_state)`` like :func:`kla_tl.naive_kla`: o ``[B, T, HV, V]`` in q's dtype, final state
-    ``[N, HV, K, V]`` float32 or None. ``initial_state`` of any float dtype is read as float32 (converted when it is
-    not float32); empty varlen sequences give final state = initial state (or zeros).
+    ``[N, HV, K, V]`` float32 or None. Without ``state_indices``, ``initial_state`` of any float dtype is read as
+    float32 (converted when it is not float32); empty varlen sequences give final state = initial state (or zeros).
+
+    With ``state_indices``, ``initial_state`` is a float32/bfloat16 pool read in place (copied only when it is not
+    packed and ``inplace_final_state`` is off) and, with ``inplace_final_state``, updated in place;
+    ``intermediate_states`` is written in place. Buffers written in place must be contiguous and 16-byte aligned
+    (``ValueError`` otherwise).
     """
     dev = q.device
     B, T, HV, K, V, N = prob.B, prob.T, prob.HV, prob.K, prob.V, prob.N
+    use_idx = state_indices is not None
     o = torch.empty((B, T, HV, V), dtype=q.dtype, device=dev)
     final = torch.empty((N, HV, K, V), dtype=torch.float32, device=dev) if output_final_state else None
     h0 = None
-    if initial_state is not None:
+    if use_idx:
+        h0 = _fit(initial_state, _packed_strides(initial_state.shape), copy_ok=not inplace_final_state)
+        if h0 is None:
+            raise ValueError(f"fused_recurrent_kla: initial_state must be contiguous and 16-byte aligned with "
+                             f"inplace_final_state=True (the pool is updated in place), got shape "
+                             f"{tuple(initial_state.shape)}, strides {tuple(initial_state.stride())}")
+    elif initial_state is not None:
         h0 = _packed(initial_state if initial_state.dtype == torch.float32 else initial_state.float())
+    inter = None
+    if intermediate_states is not None:
+        inter = _fit(intermediate_states, _packed_strides(intermediate_states.shape), copy_ok=False)
+        if inter is None:
+            raise ValueError(f"fused_recurrent_kla: intermediate_states must be contiguous and 16-byte aligned (it "
+                             f"is written in place), got strides {tuple(intermediate_states.stride())}")
     if N == 0:
         return o, final
     if B * T == 0:
-        # no token anywhere: o is empty and the final state is the initial one
-        if final is not None and h0 is not None:
+        # no token anywhere: o is empty, the final state is the initial one (the pool and inter stay untouched)
+        if final is not None and use_idx:
+            if h0.shape[0] == 0:    # every sequence is padding
+                final.zero_()
+            else:
+                live = (state_indices >= 0)[:, None, None, None]
+                final.copy_(torch.where(live, h0[state_indices.clamp_min(0).long()].float(), 0.0))
+        elif final is not None and h0 is not None:
             final.copy_(h0)
         elif final is not None:
             final.zero_()
         return o, final
     g, eta = _gates(g, eta)
     key = fused_key(prob, dtype=q.dtype, gate_dtype=g.dtype, use_h0=h0 is not None, store_ht=final is not None,
-                    normalize_q=normalize_q)
+                    normalize_q=normalize_q, state_dtype=h0.dtype if use_idx else torch.float32,
+                    use_indices=use_idx, is_inplace=use_idx and inplace_final_state, store_inter=inter is not None,
+                    inter_dtype=inter.dtype if inter is not None else torch.float32)
     lh = _launch_for("fused_recurrent", dev, key)
     ph_state, ph_cu = _placeholders(dev, HV, K, V)
     cu32 = ph_cu
@@ -353,8 +398,14 @@ def fused_recurrent_kla_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         if cu32.device != dev:
             cu32 = cu32.to(dev)
     sc = float(K ** -0.5 if scale is None else scale)
-    lh.fn(_packed(q), _packed(k), _packed(v), _packed(g), _packed(eta), h0 if h0 is not None else ph_state,
-          final if final is not None else ph_state, cu32, o, sc, float(eps))
+    args = (_packed(q), _packed(k), _packed(v), _packed(g), _packed(eta), h0 if h0 is not None else ph_state,
+            final if final is not None else ph_state, cu32)
+    if use_idx or inter is not None:
+        # serving signature: ... cu_seqlens, state_indices, inter, o (placeholders where unused)
+        idx = _fit(state_indices, (1,), 4) if use_idx else ph_cu
+        lh.fn(*args, idx, inter if inter is not None else ph_state, o, sc, float(eps))
+    else:
+        lh.fn(*args, o, sc, float(eps))
     return o, final
 
 
@@ -455,15 +506,22 @@ def decode_bench_cases(key: dict) -> list:
 
 def fused_bench_cases(key: dict) -> list:
     """``KernelSpec.bench`` of fused_recurrent: (N, T) in BENCH_FUSED_SHAPES, dense or varlen as the key says (varlen:
-    one row of N sequences of T tokens); h0/ht as the key says. Inputs are read-only and the outputs fresh, so the
-    check compares the outputs of the timed launch (first BENCH_CHECK_ROWS sequences) with the float64 reference."""
+    one row of N sequences of T tokens); h0/ht as the key says. Plain keys: inputs are read-only and the outputs
+    fresh, so the check compares the outputs of the timed launch (first BENCH_CHECK_ROWS sequences) with the float64
+    reference. Serving keys (``use_indices`` / ``store_inter``): a pool of N + 2 slots in shuffled order with
+    sequence 1 as padding, per-token states when the key stores them; the check restores the checked sequences'
+    slots (an in-place pool was updated by the timed launches), relaunches, and also compares the per-token states,
+    the updated slots, and the padding sequence's zeros."""
+    from .kernels.recurrent import fused_is_serving, fused_serving_flags
     from .kernels.registry import BenchCase
-    from .reference import naive_kla
+    from .reference import fused_recurrent_kla_reference, naive_kla
 
     HV, K, V = key["HV"], key["K"], key["V"]
     use_h0, store_ht = bool(key.get("use_h0", True)), bool(key.get("store_ht", True))
     varlen, nq = bool(key.get("is_varlen", False)), bool(key.get("normalize_q", True))
-    tol = BENCH_TOL["float32"]
+    serving, flags = fused_is_serving(key), fused_serving_flags(key)
+    use_idx, inplace = flags["use_indices"], flags["is_inplace"]
+    tol = max(BENCH_TOL[flags["state_dtype"]], BENCH_TOL[flags["inter_dtype"]]) if serving else BENCH_TOL["float32"]
 
     def make_inputs(N, T, seed):
         B, TT = (1, N * T) if varlen else (N, T)
@@ -473,13 +531,66 @@ def fused_bench_cases(key: dict) -> list:
         ht = torch.empty(N, HV, K, V, device="cuda") if store_ht else ph_state
         cu = torch.arange(0, N * T + 1, T, dtype=torch.int32, device="cuda") if varlen else ph_cu
         o = torch.empty(B, TT, HV, V, dtype=q.dtype, device="cuda")
-        return {"args": (q, k, v, g, eta, h0, ht, cu, o), "scale": float(K ** -0.5), "N": N, "T": T}
+        x = {"scale": float(K ** -0.5), "N": N, "T": T, "built": None}
+        if not serving:
+            x["args"] = (q, k, v, g, eta, h0, ht, cu, o)
+            return x
+        idx = ph_cu
+        if use_idx:
+            pool = 0.1 * torch.randn(N + 2, HV, K, V, generator=gen, device="cuda")
+            h0 = pool.to(getattr(torch, flags["state_dtype"]))
+            idx = torch.randperm(N + 2, generator=gen, device="cuda")[:N].to(torch.int32)
+            if N > 1:
+                idx[1] = -1
+            n = min(N, BENCH_CHECK_ROWS)
+            x["saved"] = h0[idx[:n].clamp_min(0).long()].clone()
+        inter = (torch.empty(B * TT, HV, K, V, dtype=getattr(torch, flags["inter_dtype"]), device="cuda")
+                 if flags["store_inter"] else ph_state)
+        x["args"] = (q, k, v, g, eta, h0, ht, cu, idx, inter, o)
+        return x
 
     def run(built, x):
+        x["built"] = built
         _executable(built)(*x["args"], x["scale"], DEFAULT_EPS)
         return x["args"][-1]
 
+    def check_serving(x):
+        q, k, v, g, eta, h0, ht, cu, idx, inter, o = x["args"]
+        n, T = min(x["N"], BENCH_CHECK_ROWS), x["T"]
+        if use_idx:
+            live = idx[:n] >= 0
+            slots = idx[:n][live].long()
+            h0[slots] = x["saved"][live]              # undo the timed launches' in-place updates
+            ref_pool = torch.zeros(n, HV, K, V, dtype=torch.float64, device="cuda")
+            ref_pool[live] = x["saved"][live].double()
+            ref_idx = torch.where(live, torch.arange(n, dtype=torch.int32, device="cuda"), -1).to(torch.int32)
+        o.fill_(float("nan"))
+        _executable(x["built"])(*x["args"], x["scale"], DEFAULT_EPS)
+        torch.cuda.synchronize()
+        sub = [(t[0, :n * T].unflatten(0, (n, T)) if varlen else t[:n]).double() for t in (q, k, v, g, eta)]
+        ref_inter = torch.zeros(n * T, HV, K, V, dtype=torch.float64, device="cuda")
+        o_ref, ht_ref = fused_recurrent_kla_reference(
+            *sub, scale=x["scale"], eps=DEFAULT_EPS, normalize_q=nq, output_final_state=True,
+            initial_state=ref_pool if use_idx else (h0[:n].double() if use_h0 else None),
+            state_indices=ref_idx if use_idx else None, inplace_final_state=inplace, intermediate_states=ref_inter)
+        o_got = o[0, :n * T].unflatten(0, (n, T)) if varlen else o[:n]
+        tok = (live[:, None].expand(n, T).reshape(-1) if use_idx
+               else torch.ones(n * T, dtype=torch.bool, device="cuda"))
+        errs, bad = {"o": _rel_err(o_got.reshape(n * T, HV, V)[tok], o_ref.reshape(n * T, HV, V)[tok])}, {}
+        if store_ht:
+            errs["ht"] = _rel_err(ht[:n][live] if use_idx else ht[:n], ht_ref[live] if use_idx else ht_ref)
+        if flags["store_inter"]:
+            errs["inter"] = _rel_err(inter[:n * T][tok], ref_inter[tok])
+        if inplace:
+            errs["pool"] = _rel_err(h0[slots], ref_pool[live])
+        bad = {name: e for name, e in errs.items() if not e <= tol}
+        if use_idx and not bool((o_got[~live] == 0).all()):
+            bad["padding sequence"] = "o not zero"
+        return None if not bad else f"errors {bad} (tolerance {tol:g})"
+
     def check(x, _out):
+        if serving:
+            return check_serving(x)
         q, k, v, g, eta, h0, ht, cu, o = x["args"]
         n, T = min(x["N"], BENCH_CHECK_ROWS), x["T"]
         if varlen:   # the first n sequences as a dense batch

@@ -101,6 +101,68 @@ def naive_kla(q, k, v, g, eta, *, scale: Optional[float] = None, eps: float = DE
     return o, final
 
 
+def fused_recurrent_kla_reference(q, k, v, g, eta, *, scale: Optional[float] = None, eps: float = DEFAULT_EPS,
+                                  normalize_q: bool = False, initial_state: Optional[torch.Tensor] = None,
+                                  output_final_state: bool = False, cu_seqlens: Optional[torch.Tensor] = None,
+                                  state_indices: Optional[torch.Tensor] = None, inplace_final_state: bool = False,
+                                  intermediate_states: Optional[torch.Tensor] = None):
+    """:func:`naive_kla` with the serving options of :func:`kla_tl.fused_recurrent_kla` (its CPU fallback and the
+    definition of those options). Without them it is :func:`naive_kla`.
+
+    Args (besides those of :func:`naive_kla`):
+        state_indices: int32 ``[N]``; ``initial_state`` is then a pool ``[N_slots, HV, K, V]`` (any float dtype)
+            and sequence n starts from slot ``state_indices[n]``. A sequence with index -1 is padding: its o rows
+            and final state are zeros; no slot and no ``intermediate_states`` row is read or written for it.
+        inplace_final_state: write each live sequence's final state into its slot (cast to the pool dtype).
+        intermediate_states: ``[B * T, HV, K, V]`` buffer (token-major, row ``b * T + t``, or ``t`` of the packed
+            axis with ``cu_seqlens``) that receives the state after every token of every live sequence, cast to its
+            dtype. Written without autograd, like the pool.
+
+    Returns:
+        ``(o, final_state)`` as :func:`naive_kla`; arithmetic in float32 (float64 for float64 inputs).
+    """
+    if state_indices is None and intermediate_states is None:
+        return naive_kla(q, k, v, g, eta, scale=scale, eps=eps, normalize_q=normalize_q, initial_state=initial_state,
+                         output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+    B, T, HV, V = v.shape
+    K = q.shape[-1]
+    cdt = compute_dtype(q.dtype)
+    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    if N == 0:       # an empty dense batch: nothing to run, read or write
+        final = torch.zeros(0, HV, K, V, dtype=cdt, device=q.device) if output_final_state else None
+        return torch.zeros(B, T, HV, V, dtype=q.dtype, device=q.device), final
+    h0, live = initial_state, None
+    if state_indices is not None:
+        idx = state_indices.long()
+        live = idx >= 0
+        h0 = torch.zeros(N, HV, K, V, dtype=cdt, device=q.device)
+        h0[live] = initial_state[idx[live]].to(cdt)                   # a copy: the pool is read once, here
+    res = naive_kla(q, k, v, g, eta, scale=scale, eps=eps, normalize_q=normalize_q, initial_state=h0,
+                    output_final_state=True, cu_seqlens=cu_seqlens, return_all_states=intermediate_states is not None)
+    o, final = res[0], res[1]
+    tok_live = None                                                   # [B * T]: token of a live sequence
+    if live is not None:
+        if cu_seqlens is None:
+            tok_live = live[:, None].expand(B, T).reshape(B * T)
+        else:
+            lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long().to(q.device)
+            tok_live = torch.repeat_interleave(live, lengths, output_size=T)
+        zero = torch.zeros((), dtype=o.dtype, device=o.device)
+        o = torch.where(tok_live.reshape(B, T, 1, 1), o, zero)
+        if inplace_final_state:
+            with torch.no_grad():
+                initial_state[idx[live]] = final[live].to(initial_state.dtype)
+        final = torch.where(live[:, None, None, None], final, torch.zeros((), dtype=final.dtype, device=final.device))
+    if intermediate_states is not None:
+        states = res[2].reshape(B * T, HV, K, V)
+        with torch.no_grad():
+            if tok_live is None:
+                intermediate_states.copy_(states)
+            else:
+                intermediate_states[tok_live] = states[tok_live].to(intermediate_states.dtype)
+    return o, (final if output_final_state else None)
+
+
 def _assemble(rows, prob, seqs, out_dtype, cdt, device):
     """Stack per-token rows [HV, V] back into [B, T, HV, V] (the rows come in sequence order)."""
     if not rows:

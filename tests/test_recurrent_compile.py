@@ -18,9 +18,9 @@ import torch
 from helpers import make_inputs
 
 from kla_tl import recurrent as rec
-from kla_tl.conventions import KERNEL_K, KERNEL_V, check_decode_inputs, check_inputs
+from kla_tl.conventions import KERNEL_K, KERNEL_V, check_decode_inputs, check_inputs, check_recurrent_inputs
 from kla_tl.kernels.registry import AMPERE_ON_HOPPER_PASS_CONFIGS, target_for
-from kla_tl.reference import kla_decode_reference, naive_kla
+from kla_tl.reference import fused_recurrent_kla_reference, kla_decode_reference, naive_kla
 
 R = pytest.importorskip("kla_tl.kernels.recurrent", reason="tilelang is not importable")
 
@@ -237,6 +237,80 @@ def test_default_schedules_build_without_spills(path, dims):
         assert regs <= 255
 
 
+# ------------------------------------------------------------------------------- fused_recurrent serving variants
+
+
+def _serving_key(K, V, *, pool="bfloat16", inplace=True, inter="bfloat16", varlen=True):
+    """A fused_recurrent key with the serving flags (pool through state_indices, optional in-place final state and
+    per-token states)."""
+    return {"H": 2, "HV": 4, "K": K, "V": V, "dtype": "bfloat16", "gate_dtype": "float32", "use_h0": True,
+            "store_ht": True, "is_varlen": varlen, "normalize_q": True, "state_dtype": pool, "use_indices": True,
+            "is_inplace": inplace, "store_inter": inter is not None, "inter_dtype": inter or "float32"}
+
+
+def _fused_params(key):
+    sch = R.FUSED_RECURRENT_SPEC.default("sm_90a", key)
+    func = R.build_fused_recurrent(H=key["H"], HV=key["HV"], K=key["K"], V=key["V"], dtype=key["dtype"],
+                                   gate_dtype=key["gate_dtype"], use_h0=key["use_h0"], store_ht=key["store_ht"],
+                                   is_varlen=key["is_varlen"], normalize_q=key["normalize_q"],
+                                   **R.fused_serving_flags(key), **sch)
+    return [str(p.name).replace("_handle", "") for p in func.params]
+
+
+def test_serving_flags_select_the_extended_signature_and_plain_keys_keep_theirs():
+    """Plain keys (no serving flag, as rec.fused_key writes them) build the original prim_func, so their TileLang
+    cache entries stay valid; any of use_indices / store_inter builds the serving one."""
+    plain = ["q", "k", "v", "g", "eta", "h0", "ht", "cu_seqlens", "o", "scale", "eps"]
+    serving = ["q", "k", "v", "g", "eta", "h0", "ht", "cu_seqlens", "state_indices", "inter", "o", "scale", "eps"]
+    key = _keys(128, 128)[2][2]
+    assert not R.fused_is_serving(key) and _fused_params(key) == plain
+    assert _fused_params(_serving_key(128, 128)) == serving
+    assert _fused_params({**key, "store_inter": True}) == serving
+    prob, _ = check_inputs("t", *make_inputs(1, 3, 2, 4, 64, 64, dtype=torch.bfloat16).args())
+    plain_key = rec.fused_key(prob, dtype=torch.bfloat16, gate_dtype=torch.float32, use_h0=True, store_ht=True,
+                              normalize_q=True)
+    assert set(plain_key) == {"H", "HV", "K", "V", "dtype", "gate_dtype", "use_h0", "store_ht", "is_varlen",
+                              "normalize_q"}
+    assert R.FUSED_RECURRENT_SPEC.space == {"block_v": (16, 32, 64, 128), "threads": (32, 64, 128, 256),
+                                            "block_t": (8, 16, 32)}, "shipped schedule files validate against it"
+
+
+#: (K, V, key flags) of the serving builds: everything on (bf16 pool in place, bf16 per-token states, varlen) for
+#: every head-dim pair, and the verify flavour (fp32 pool read-only, fp32 states, dense rows) once.
+SERVING_BUILDS = [(K, V, {}) for K, V in DIMS] + [
+    (128, 128, {"pool": "float32", "inplace": False, "inter": "float32", "varlen": False})]
+
+
+@pytest.mark.slow
+@needs_nvcc
+@pytest.mark.parametrize("path", ["sm_90a", "sm_80", "sm_80_on_hopper"])
+@pytest.mark.parametrize("build", SERVING_BUILDS,
+                         ids=lambda b: f"K{b[0]}_V{b[1]}" + ("_verify_fp32" if b[2] else "_inplace_bf16"))
+def test_serving_variants_build_without_spills(path, build):
+    """The serving variant builds on both code paths without spills; the padding branch guards the pool, the pool
+    and per-token offsets are 64-bit, and the fp32 buffers keep 128-bit accesses (bf16: 64-bit, 4 values)."""
+    K, V, flags = build
+    key = _serving_key(K, V, **flags)
+    arch = "sm_80" if path.startswith("sm_80") else "sm_90a"
+    if path == "sm_80_on_hopper":
+        target, configs = target_for("sm_80", run_on_hopper=True)
+        target_arch = target["arch"]
+    else:
+        target_arch, configs = arch, target_for(arch)[1]
+    kernel = R.FUSED_RECURRENT_SPEC.build(arch, key, R.FUSED_RECURRENT_SPEC.default(arch, key),
+                                          target_arch=target_arch, pass_configs=configs)
+    src = kernel.get_kernel_source()
+    assert "if (sl < 0)" in src and "if (0 <= sl)" in src, "pool accesses are not guarded by the padding branch"
+    assert "((int64_t)sl) *" in src, "pool offsets are not 64-bit"
+    assert re.search(r"\(\(int64_t\)bb\) \* \(\(int64_t\)T\)\) \* \(int64_t\)\d+", src), \
+        "per-token offsets are not 64-bit"
+    vec = {"float32": "float4", "bfloat16": "uint2"}
+    assert re.search(rf"\*\({vec[key['state_dtype']]}\*\)\(h0 \+", src), "pool accesses are not vectorized"
+    assert re.search(rf"\*\({vec[key['inter_dtype']]}\*\)\(inter \+", src), "per-token stores are not vectorized"
+    regs = _check_resources(_ptxas_report(kernel, target_arch, configs), f"fused serving {path} {K}x{V} {flags}")
+    assert regs <= 255
+
+
 # --------------------------------------------------------------------------------------- launcher <-> signature
 
 
@@ -266,7 +340,7 @@ class _CheckedLaunch:
                 else:
                     assert int(want) == got, f"{name}: dim {i} is {got}, kernel built for {int(want)}"
             assert a.stride() == rec._packed_strides(a.shape), f"{name}: strides {a.stride()} not packed"
-            align = 16 if name in ("v", "o", "state", "h0", "ht") else a.element_size()
+            align = 16 if name in ("v", "o", "state", "h0", "ht", "inter") else a.element_size()
             assert a.data_ptr() % align == 0, f"{name}: not {align}-byte aligned"
         self.calls += 1
         self.emulate(dict(zip(self.names, args)))
@@ -348,3 +422,48 @@ def test_fused_recurrent_launcher_matches_signature(monkeypatch, varlen, use_h0)
     o_ref, ht_ref = naive_kla(*inp.args(), normalize_q=True, output_final_state=True, **inp.kwargs())
     assert launches[0][0]["is_varlen"] is varlen and launches[0][0]["use_h0"] is use_h0
     assert torch.equal(o, o_ref) and torch.allclose(ht, ht_ref)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("inplace", [False, True], ids=["verify", "inplace"])
+@pytest.mark.parametrize("varlen", [False, True], ids=["dense", "varlen"])
+def test_fused_recurrent_serving_launcher_matches_signature(monkeypatch, varlen, inplace):
+    """The serving launch passes the pool, int32 state_indices and the per-token buffer in place (same memory as
+    the caller's), strided indices packed, and the placeholders that match the compiled signature."""
+    cu = [0, 2, 2, 6, 7] if varlen else None
+    B, T = (1, 7) if varlen else (4, 3)
+    N = 4
+    inp = make_inputs(B, T, 2, 4, 64, 64, dtype=torch.bfloat16, cu_seqlens=cu)
+    pool = (0.1 * torch.randn(N + 2, 4, 64, 64)).to(torch.bfloat16)
+    idx = torch.tensor([5, 0, -1, 0, 1, 0, 2, 0], dtype=torch.int32)[::2]            # strided: packed by the launcher
+    inter = torch.full((B * T, 4, 64, 64), float("nan"))
+    ptrs = (pool.data_ptr(), inter.data_ptr())
+    kw = dict(state_indices=idx, inplace_final_state=inplace, intermediate_states=inter)
+
+    def emulate(a):
+        assert (a["h0"].data_ptr(), a["inter"].data_ptr()) == ptrs, "pool / per-token buffer must not be copied"
+        o, ht = fused_recurrent_kla_reference(a["q"], a["k"], a["v"], a["g"], a["eta"], scale=a["scale"],
+                                              eps=a["eps"], normalize_q=True, output_final_state=True,
+                                              initial_state=a["h0"], state_indices=a["state_indices"],
+                                              inplace_final_state=inplace, intermediate_states=a["inter"],
+                                              cu_seqlens=inp.cu_seqlens)
+        a["o"].copy_(o)
+        a["ht"].copy_(ht)
+
+    launches = _fake_launch(monkeypatch, emulate)
+    want_pool, want_inter = pool.clone(), inter.clone()
+    o_ref, ht_ref = fused_recurrent_kla_reference(*inp.args(), normalize_q=True, output_final_state=True,
+                                                  initial_state=want_pool, state_indices=idx,
+                                                  inplace_final_state=inplace, intermediate_states=want_inter,
+                                                  cu_seqlens=inp.cu_seqlens)
+    prob, cu_list = check_recurrent_inputs("t", *inp.args(), normalize_q=True, initial_state=pool,
+                                           cu_seqlens=inp.cu_seqlens, **kw)
+    o, ht = rec.fused_recurrent_kla_kernel(*inp.args(), prob=prob, cu=cu_list, normalize_q=True,
+                                           output_final_state=True, initial_state=pool, cu_seqlens=inp.cu_seqlens,
+                                           **kw)
+    key = launches[0][0]
+    assert (key["use_indices"], key["is_inplace"], key["store_inter"]) == (True, inplace, True)
+    assert (key["state_dtype"], key["inter_dtype"], key["is_varlen"]) == ("bfloat16", "float32", varlen)
+    assert launches[0][1].calls == 1
+    assert torch.equal(o, o_ref) and torch.equal(ht, ht_ref)
+    assert torch.equal(pool, want_pool) and torch.equal(inter.nan_to_num(7.0), want_inter.nan_to_num(7.0))

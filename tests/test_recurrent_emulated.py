@@ -329,3 +329,92 @@ def test_emulated_fused_recurrent_matches_fp64_reference(dims, varlen):
                               cu_seqlens=torch.tensor(cu) if varlen else None)
     assert _rel(o, o_ref) < 5e-3
     assert _rel(ht, ht_ref) < 5e-3
+
+
+#: serving variants of fused_recurrent: (K, V, varlen, pool dtype or None (no state_indices), inplace, per-token
+#: states dtype or None, store_ht); each guards a path of the kernel.
+SERVING_CASES = [
+    (64, 64, True, "float32", False, "float32", True),       # spec-decode verify: pool read-only, fp32 states
+    (64, 64, True, "bfloat16", True, "bfloat16", False),     # serving: bf16 pool in place, bf16 states
+    (48, 96, False, "float32", True, None, True),            # dense rows, in place, no states; odd head dims
+    (64, 64, False, None, False, "bfloat16", True),          # per-token states only (no pool, no h0)
+    (96, 192, True, "bfloat16", True, "float32", True),      # published KLA 0.4B head dims, everything on
+]
+
+
+def _serving_id(c):
+    K, V, varlen, pool, inplace, inter, ht = c
+    return (f"K{K}_V{V}_{'varlen' if varlen else 'dense'}_" + (f"pool_{pool}" if pool else "nopool")
+            + ("_inplace" if inplace else "") + (f"_states_{inter}" if inter else "") + ("_ht" if ht else ""))
+
+
+@pytest.mark.parametrize("case", SERVING_CASES, ids=_serving_id)
+def test_emulated_fused_recurrent_serving_matches_fp64_reference(case):
+    """Pool slots through state_indices (shuffled, one padding sequence, an empty sequence when varlen), the
+    in-place final state, per-token states, 4-token refills: o, ht, the states and the pool against the float64
+    reference; the padding sequence writes zeros to o (and ht) and touches no slot and no state row."""
+    from kla_tl.reference import fused_recurrent_kla_reference
+
+    K, V, varlen, pool_dt, inplace, inter_dt, store_ht = case
+    H, HV = 1, 2
+    cu = [0, 3, 3, 10, 12] if varlen else None
+    B, T = (1, 12) if varlen else (3, 5)
+    N = len(cu) - 1 if varlen else B
+    use_idx = pool_dt is not None
+    key = {"H": H, "HV": HV, "K": K, "V": V, "dtype": "bfloat16", "gate_dtype": "float32", "use_h0": use_idx,
+           "store_ht": store_ht, "is_varlen": varlen, "normalize_q": True, "state_dtype": pool_dt or "float32",
+           "use_indices": use_idx, "is_inplace": inplace, "store_inter": inter_dt is not None,
+           "inter_dtype": inter_dt or "float32"}
+    sch = {**R.FUSED_RECURRENT_SPEC.default("sm_90a", key), "block_t": 4}   # 4: several refills per sequence
+    launch = _emulated(R.FUSED_RECURRENT_SPEC.build("sm_90a", key, sch))
+    q, k, v, g, eta, gen = _inputs(B, T, H, HV, K, V, torch.bfloat16, seed=K + 3 * V)
+    n_slots = N + 2
+    pool = (0.1 * torch.randn(n_slots, HV, K, V, generator=gen)).to(getattr(torch, pool_dt or "float32"))
+    idx = torch.randperm(n_slots, generator=gen)[:N].to(torch.int32)
+    idx[N - 2] = -1                                              # a padding sequence (varlen: 7 tokens)
+    before = pool.clone()
+    inter = torch.full((B * T, HV, K, V), float("nan"), dtype=getattr(torch, inter_dt or "float32"))
+    o = torch.full((B, T, HV, V), float("nan"), dtype=torch.bfloat16)
+    ht = torch.full((N, HV, K, V), float("nan"))
+    cu_t = torch.tensor(cu if varlen else [0, 0], dtype=torch.int32)
+    vals = {"q": q, "k": k, "v": v, "g": g, "eta": eta, "h0": pool if use_idx else torch.zeros(1, HV, K, V),
+            "ht": ht if store_ht else torch.zeros(1, HV, K, V), "cu_seqlens": cu_t,
+            "state_indices": idx if use_idx else torch.zeros(2, dtype=torch.int32),
+            "inter": inter if inter_dt else torch.zeros(1, HV, K, V), "o": o, "B": B, "T": T,
+            "N_h0": n_slots if use_idx else 1, "N_ht": N if store_ht else 1, "N_cu": len(cu_t),
+            "N_idx": N if use_idx else 2, "N_tok": B * T if inter_dt else 1, "scale": K ** -0.5,
+            "eps": DEFAULT_EPS}
+    launch(vals, (N, HV, V // sch["block_v"]), sch["threads"])
+    ref_pool = before.double()
+    ref_inter = torch.full((B * T, HV, K, V), float("nan"), dtype=torch.float64)
+    o_ref, ht_ref = fused_recurrent_kla_reference(
+        *(x.double() for x in (q, k, v, g, eta)), normalize_q=True, output_final_state=True,
+        cu_seqlens=torch.tensor(cu) if varlen else None, initial_state=ref_pool if use_idx else None,
+        state_indices=idx if use_idx else None, inplace_final_state=inplace, intermediate_states=ref_inter)
+    tol = 1e-2 if "bfloat16" in (pool_dt, inter_dt) else 5e-3
+    if use_idx:
+        live = idx >= 0
+        pad = int((~live).nonzero()[0])
+        tok = (torch.arange(B * T) // T == pad) if not varlen else (
+            (torch.arange(T) >= cu[pad]) & (torch.arange(T) < cu[pad + 1]))
+        assert torch.equal(o.reshape(B * T, HV, V)[tok], torch.zeros(int(tok.sum()), HV, V, dtype=o.dtype)), \
+            "padding sequence: o must be exact zeros"
+        if inter_dt:
+            assert torch.isnan(inter[tok]).all(), "padding sequence: a per-token state row was written"
+        if store_ht:
+            assert torch.equal(ht[pad], torch.zeros_like(ht[pad])), "padding sequence: ht must be zeros"
+        slots = idx[live].long()
+        others = torch.ones(n_slots, dtype=torch.bool)
+        others[slots] = False
+        assert torch.equal(pool[others], before[others]), "a slot outside state_indices changed"
+        if inplace:
+            assert _rel(pool[slots], ref_pool[slots]) < tol
+        else:
+            assert torch.equal(pool, before), "inplace_final_state=False must leave the pool untouched"
+    assert _rel(o, o_ref) < 5e-3
+    if store_ht:
+        assert _rel(ht, ht_ref) < 5e-3
+    if inter_dt:
+        written = ~torch.isnan(ref_inter[:, 0, 0, 0])
+        assert not torch.isnan(inter[written]).any(), "a live token's state row was not written"
+        assert _rel(inter[written], ref_inter[written]) < tol

@@ -17,8 +17,8 @@ from helpers import assert_rel_close, make_inputs, nan_poison_, tol_for
 import kla_tl
 from kla_tl import dispatch
 from kla_tl import recurrent as rec
-from kla_tl.conventions import check_decode_inputs, check_inputs
-from kla_tl.reference import chunk_kla_reference, kla_decode_reference, naive_kla
+from kla_tl.conventions import check_decode_inputs, check_inputs, check_recurrent_inputs
+from kla_tl.reference import chunk_kla_reference, fused_recurrent_kla_reference, kla_decode_reference, naive_kla
 
 pytestmark = pytest.mark.gpu
 
@@ -256,10 +256,15 @@ def test_decode_candidate_schedules_match_fp64_reference(path, case):
     assert torch.equal(pool[untouched], before[untouched])
 
 
-@pytest.mark.parametrize("kernel", ["decode", "fused_recurrent"])
-def test_bench_hook_cases_run_and_pass_their_check(path, kernel):
-    """KernelSpec.bench (what ``kla-tl autotune`` times): every case of the first example key runs the default
-    schedule and its check accepts the result, as autotune's phase 2 does (one launch, then check)."""
+#: (kernel, index of the example key) of the bench-hook test: the first key of each family, and the two serving keys
+#: of fused_recurrent (verify with a read-only pool, in-place bf16 pool).
+BENCH_KEYS = [("decode", 0), ("fused_recurrent", 0), ("fused_recurrent", 3), ("fused_recurrent", 4)]
+
+
+@pytest.mark.parametrize("kernel,key_index", BENCH_KEYS, ids=[f"{k}-key{i}" for k, i in BENCH_KEYS])
+def test_bench_hook_cases_run_and_pass_their_check(path, kernel, key_index):
+    """KernelSpec.bench (what ``kla-tl autotune`` times): every case of an example key runs the default schedule
+    and its check accepts the result, as autotune's phase 2 does (one launch, then check)."""
     from kla_tl.kernels.recurrent import DECODE_SPEC, FUSED_RECURRENT_SPEC
     from kla_tl.kernels.registry import target_for
 
@@ -267,7 +272,7 @@ def test_bench_hook_cases_run_and_pass_their_check(path, kernel):
     hopper = torch.cuda.get_device_capability()[0] == 9
     arch = "sm_90a" if path == "native" and hopper else "sm_80"
     target, configs = target_for(arch, run_on_hopper=hopper)
-    key = spec.example_keys[0]
+    key = spec.example_keys[key_index]
     built = spec.build(arch, key, spec.default(arch, key), target_arch=target["arch"], pass_configs=configs)
     cases = spec.bench(arch, key)
     assert cases and len({c.label for c in cases}) == len(cases)
@@ -350,6 +355,205 @@ def test_fused_recurrent_with_grad_falls_back_with_a_warning(path):
     assert inp.q.grad is not None
 
 
+# ------------------------------------------------------------------------- fused recurrent: serving options
+
+
+#: Tolerance of per-token / pool states against the float64 reference: the issue's gates, 5e-3 for an fp32 state and
+#: 1e-2 for a bf16 one (one bf16 rounding on store, unit roundoff 2**-9, on top of the fp32-state error).
+STATE_TOL = {torch.float32: 5e-3, torch.bfloat16: POOL_BF16_TOL}
+
+#: (B, T, cu_seqlens, H, HV, K, V, q/k/v dtype, pool dtype or None (no state_indices), inplace_final_state,
+#: intermediate_states dtype or None, padding sequences); each guards a path.
+SERVING_CASES = [
+    (1, 17, [0, 4, 4, 9, 13, 17], 2, 4, 128, 128, torch.bfloat16, torch.float32, False, torch.float32, 1),
+    #   ^ spec-decode verify: read-only fp32 pool, fp32 per-token states, an empty sequence, a padding sequence
+    (1, 17, [0, 4, 4, 9, 13, 17], 2, 4, 128, 128, torch.bfloat16, torch.bfloat16, True, torch.bfloat16, 1),
+    #   ^ serving: bf16 pool updated in place, bf16 per-token states
+    (4, 8, None, 2, 4, 128, 128, torch.bfloat16, torch.float32, True, None, 2),
+    #   ^ dense rows, in place, no per-token states, two padding rows
+    (1, 45, [0, 33, 40, 45], 2, 2, 96, 192, torch.bfloat16, torch.bfloat16, True, torch.float32, 1),
+    #   ^ published KLA 0.4B head dims; a 33-token sequence crosses two 16-token refills
+    (2, 5, None, 1, 2, 256, 256, torch.bfloat16, torch.float32, False, torch.bfloat16, 0),
+    #   ^ largest heads, no padding
+    (3, 6, None, 2, 4, 64, 64, torch.float32, None, False, torch.float32, 0),
+    #   ^ per-token states without a pool (plain initial_state), fp32 inputs
+]
+
+
+def _serving_id(c):
+    B, T, cu, H, HV, K, V, dt, pdt, inplace, idt, pad = c
+    return ("varlen" if cu else f"B{B}_T{T}") + f"-K{K}-V{V}-{str(dt)[6:]}" + (
+        f"-pool_{str(pdt)[6:]}" if pdt else "-no_pool") + ("-inplace" if inplace else "") + (
+        f"-states_{str(idt)[6:]}" if idt else "") + (f"-pad{pad}" if pad else "")
+
+
+def _seq_rows(cu, B, T):
+    """(first, end) token row of every sequence on the token-major axis."""
+    return [(b * T, (b + 1) * T) for b in range(B)] if cu is None else list(zip(cu[:-1], cu[1:]))
+
+
+def _run_serving(inp, pool, idx, *, inplace, inter_dtype, normalize_q=True, output_final_state=True):
+    """fused_recurrent_kla with the serving options against the float64 reference; checks every buffer and
+    returns (o, ht, inter)."""
+    q = inp.q
+    B, T, HV, V = inp.v.shape
+    K = q.shape[-1]
+    use_idx = idx is not None
+    h0 = pool if use_idx else inp.initial_state
+    inter = None
+    if inter_dtype is not None:
+        inter = nan_poison_(torch.empty(B * T, HV, K, V, dtype=inter_dtype, device="cuda"))
+    prob, _ = check_recurrent_inputs("test", *inp.args(), normalize_q=normalize_q, initial_state=h0,
+                                     cu_seqlens=inp.cu_seqlens, state_indices=idx, inplace_final_state=inplace,
+                                     intermediate_states=inter)
+    assert rec.recurrent_refusal(prob, q.device, needs_grad=False, pool_dtype=pool.dtype if use_idx else None,
+                                 inter_dtype=inter_dtype) is None, "the fused kernel must serve this case"
+    before = inp.clone()
+    pool_before = pool.clone() if use_idx else None
+    ref = inp.to(torch.float64)
+    ref_pool = pool.to(torch.float64) if use_idx else None
+    ref_inter = torch.full((B * T, HV, K, V), float("nan"), dtype=torch.float64, device="cuda")
+    o_ref, ht_ref = fused_recurrent_kla_reference(*ref.args(), normalize_q=normalize_q, output_final_state=True,
+                                                  initial_state=ref_pool if use_idx else ref.initial_state,
+                                                  cu_seqlens=ref.cu_seqlens, state_indices=idx,
+                                                  inplace_final_state=inplace, intermediate_states=ref_inter)
+    o, ht = kla_tl.fused_recurrent_kla(*inp.args(), normalize_q=normalize_q, initial_state=h0,
+                                       output_final_state=output_final_state, cu_seqlens=inp.cu_seqlens,
+                                       state_indices=idx, inplace_final_state=inplace, intermediate_states=inter)
+    torch.cuda.synchronize()
+    for name in ("q", "k", "v", "g", "eta", "initial_state"):
+        if getattr(inp, name) is not None:
+            assert torch.equal(getattr(inp, name), getattr(before, name)), f"the call modified the caller's {name}"
+    N = len(_seq_rows(inp.cu_seqlens.tolist() if inp.cu_seqlens is not None else None, B, T))
+    live = idx >= 0 if use_idx else torch.ones(N, dtype=torch.bool, device="cuda")
+    tok = torch.zeros(B * T, dtype=torch.bool, device="cuda")
+    for n, (r0, r1) in enumerate(_seq_rows(inp.cu_seqlens.tolist() if inp.cu_seqlens is not None else None, B, T)):
+        tok[r0:r1] = bool(live[n])
+    o_rows, o_ref_rows = o.reshape(B * T, HV, V), o_ref.reshape(B * T, HV, V)
+    assert o.dtype == q.dtype and torch.isfinite(o).all(), "o has non-finite entries (unwritten or overflow)"
+    assert torch.equal(o_rows[~tok], torch.zeros_like(o_rows[~tok])), "padding sequences must output exact zeros"
+    assert_rel_close("o", o_rows[tok], o_ref_rows[tok], tol_for(q.dtype, "o"))
+    if output_final_state:
+        assert ht.dtype == torch.float32 and torch.isfinite(ht).all()
+        assert torch.equal(ht[~live], torch.zeros_like(ht[~live])), "a padding sequence's final state must be zeros"
+        assert_rel_close("ht", ht, ht_ref, tol_for(q.dtype, "ht"))
+    else:
+        assert ht is None
+    if inter is not None:
+        assert torch.isnan(inter[~tok]).all(), "a padding sequence's per-token state rows were written"
+        assert torch.isfinite(inter[tok]).all(), "a live token's state row is unwritten or non-finite"
+        assert_rel_close("intermediate_states", inter[tok], ref_inter[tok], STATE_TOL[inter_dtype])
+    if use_idx:
+        slots = idx[live].long()
+        others = torch.ones(pool.shape[0], dtype=torch.bool, device="cuda")
+        others[slots] = False
+        if inplace:
+            assert torch.isfinite(pool[slots]).all()
+            assert_rel_close("pool", pool[slots], ref_pool[slots], STATE_TOL[pool.dtype])
+            assert torch.equal(pool[others], pool_before[others]), "a slot outside state_indices (or padded) changed"
+        else:
+            assert torch.equal(pool, pool_before), "inplace_final_state=False must leave the pool bit-for-bit untouched"
+    return o, ht, inter
+
+
+def _shuffled_slots(N, n_slots, n_pad):
+    """Distinct shuffled slots for N sequences; sequence N - 2 (one in the middle), then N - 1, ... are padding
+    (-1), so that the cases' long sequences and empty ones stay live."""
+    idx = torch.randperm(n_slots)[:N].to(torch.int32)
+    for i in range(n_pad):
+        idx[(N - 2 + i) % N] = -1
+    return idx.cuda()
+
+
+@pytest.mark.parametrize("case", SERVING_CASES, ids=_serving_id)
+def test_fused_serving_options_match_fp64_reference(path, case):
+    B, T, cu, H, HV, K, V, dtype, pool_dtype, inplace, inter_dtype, n_pad = case
+    inp = make_inputs(B, T, H, HV, K, V, dtype=dtype, device="cuda", cu_seqlens=cu, with_h0=pool_dtype is None)
+    N = B if cu is None else len(cu) - 1
+    pool = idx = None
+    if pool_dtype is not None:
+        pool = _pool(N + 3, HV, K, V, pool_dtype)
+        idx = _shuffled_slots(N, N + 3, n_pad)
+    _run_serving(inp, pool, idx, inplace=inplace, inter_dtype=inter_dtype)
+
+
+@pytest.mark.parametrize("pool_dtype", [torch.float32, torch.bfloat16], ids=["pool_fp32", "pool_bf16"])
+def test_fused_intermediate_states_equal_step_by_step_kla_decode(path, pool_dtype):
+    """T tokens in one fused call (pool left untouched, per-token states in the pool's dtype) == T kla_decode steps
+    on a copy of the pool: after step t, the decoded slots equal row t of the states; the outputs agree too; a
+    padding row stays zero and untouched in both. Then the same fused call in place leaves the pool as the T
+    decode steps did."""
+    B, T, H, HV, K, V = 3, 6, 2, 4, 128, 128
+    inp = make_inputs(B, T, H, HV, K, V, dtype=torch.bfloat16, device="cuda")
+    pool = _pool(B + 2, HV, K, V, pool_dtype)
+    idx = _shuffled_slots(B, B + 2, 1)
+    live = idx >= 0
+    slots = idx[live].long()
+    o_f, _, inter = _run_serving(inp, pool, idx, inplace=False, inter_dtype=pool_dtype)
+    dec = pool.clone()
+    q, k, v, g, eta = inp.args()
+    steps = inter.view(B, T, HV, K, V)
+    for t in range(T):
+        o_t = kla_tl.kla_decode(*(x[:, t:t + 1] for x in (q, k, v, g, eta)), dec, state_indices=idx, normalize_q=True)
+        torch.cuda.synchronize()
+        assert_rel_close(f"o[t={t}]", o_f[live, t], o_t[live, 0], 2 * tol_for(torch.bfloat16, "o"))
+        assert torch.equal(o_t[~live], torch.zeros_like(o_t[~live]))
+        assert_rel_close(f"state after token {t}", steps[live, t], dec[slots], STATE_TOL[pool_dtype])
+    pool_inplace = pool.clone()
+    kla_tl.fused_recurrent_kla(q, k, v, g, eta, normalize_q=True, initial_state=pool_inplace, state_indices=idx,
+                               inplace_final_state=True)
+    torch.cuda.synchronize()
+    assert_rel_close("pool after T tokens", pool_inplace[slots], dec[slots], STATE_TOL[pool_dtype])
+    others = torch.ones(B + 2, dtype=torch.bool, device="cuda")
+    others[slots] = False
+    assert torch.equal(pool_inplace[others], pool[others]) and torch.equal(dec[others], pool[others])
+
+
+def test_fused_verify_then_rollback_to_accepted_tokens_continues_the_sequence(path):
+    """Speculative decoding: verify 5 draft tokens per sequence (pool untouched, per-token states kept), accept 3 /
+    5 / 1, copy the state after the last accepted token into each slot, decode one more token with kla_decode:
+    equals the float64 reference over the accepted tokens plus the new one."""
+    H, HV, K, V = 2, 4, 128, 128
+    cu, accepted = [0, 5, 10, 15], [3, 5, 1]
+    inp = make_inputs(1, 15, H, HV, K, V, dtype=torch.bfloat16, device="cuda", cu_seqlens=cu)
+    nxt = make_inputs(3, 1, H, HV, K, V, dtype=torch.bfloat16, device="cuda")
+    pool = _pool(6, HV, K, V, torch.float32)
+    start = pool.clone()
+    idx = _shuffled_slots(3, 6, 0)
+    _, _, inter = _run_serving(inp, pool, idx, inplace=False, inter_dtype=torch.float32, output_final_state=False)
+    for n, m in enumerate(accepted):
+        pool[idx[n].long()] = inter[cu[n] + m - 1]
+    o = kla_tl.kla_decode(*nxt.args(), pool, state_indices=idx, normalize_q=True)
+    torch.cuda.synchronize()
+    x64, n64 = inp.to(torch.float64), nxt.to(torch.float64)
+    for n, m in enumerate(accepted):
+        seq = [torch.cat([x[0, cu[n]:cu[n] + m], y[n]])[None] for x, y in zip(x64.args(), n64.args())]
+        o_ref, ht_ref = naive_kla(*seq, normalize_q=True, output_final_state=True,
+                                  initial_state=start[idx[n].long()][None].double())
+        assert_rel_close(f"o of sequence {n}", o[n, 0], o_ref[0, -1], tol_for(torch.bfloat16, "o"))
+        assert_rel_close(f"state of sequence {n}", pool[idx[n].long()], ht_ref[0], tol_for(torch.bfloat16, "ht"))
+
+
+def test_fused_serving_all_padding_and_all_empty_sequences_touch_nothing(path):
+    """Every sequence padding: zeros out, pool and per-token rows untouched (kernel launch). Every sequence empty
+    (no token at all: no launch): the final state is the slot's state (zeros for padding), nothing is written."""
+    H, HV, K, V = 2, 4, 128, 128
+    cu = [0, 3, 7]
+    inp = make_inputs(1, 7, H, HV, K, V, dtype=torch.bfloat16, device="cuda", cu_seqlens=cu)
+    pool = _pool(4, HV, K, V, torch.bfloat16)
+    idx = torch.tensor([-1, -1], dtype=torch.int32, device="cuda")
+    _run_serving(inp, pool, idx, inplace=True, inter_dtype=torch.bfloat16)
+    empty = make_inputs(1, 0, H, HV, K, V, dtype=torch.bfloat16, device="cuda", cu_seqlens=[0, 0, 0])
+    before = pool.clone()
+    idx = torch.tensor([2, -1], dtype=torch.int32, device="cuda")
+    o, ht = kla_tl.fused_recurrent_kla(*empty.args(), initial_state=pool, state_indices=idx,
+                                       cu_seqlens=empty.cu_seqlens, inplace_final_state=True, output_final_state=True,
+                                       intermediate_states=torch.empty(0, HV, K, V, device="cuda"))
+    torch.cuda.synchronize()
+    assert o.shape == (1, 0, HV, V) and torch.equal(pool, before)
+    assert torch.equal(ht[0], before[2].float()) and torch.equal(ht[1], torch.zeros_like(ht[1]))
+
+
 # ----------------------------------------------------------------------------------------------- cache warming
 
 
@@ -377,6 +581,18 @@ def _warm_keys():
         prob = Problem(B=1, T=8, H=H, HV=HV, K=K, V=V, N=1, dtype=dt, is_varlen=varlen, use_h0=h0, normalize_q=nq)
         keys.append(("fused_recurrent", rec.fused_key(prob, dtype=dt, gate_dtype=torch.float32, use_h0=h0,
                                                       store_ht=ht, normalize_q=nq)))
+    # the serving tests: (H, HV, K, V, dtype, varlen, store_ht, pool dtype or None, inplace, per-token dtype or None)
+    f32, bf16 = torch.float32, torch.bfloat16
+    serving = [(c[3], c[4], c[5], c[6], c[7], c[2] is not None, True, c[8], c[9], c[10]) for c in SERVING_CASES]
+    serving += [(2, 4, 128, 128, bf16, False, True, pdt, False, pdt) for pdt in (f32, bf16)]     # decode equality
+    serving += [(2, 4, 128, 128, bf16, False, False, pdt, True, None) for pdt in (f32, bf16)]
+    serving += [(2, 4, 128, 128, bf16, True, False, f32, False, f32)]                              # rollback
+    for H, HV, K, V, dt, varlen, ht, pdt, inplace, idt in serving:
+        prob = Problem(B=1, T=8, H=H, HV=HV, K=K, V=V, N=1, dtype=dt, is_varlen=varlen, use_h0=True, normalize_q=True)
+        keys.append(("fused_recurrent", rec.fused_key(
+            prob, dtype=dt, gate_dtype=torch.float32, use_h0=True, store_ht=ht, normalize_q=True,
+            state_dtype=pdt or f32, use_indices=pdt is not None, is_inplace=inplace, store_inter=idt is not None,
+            inter_dtype=idt or f32)))
     return keys
 
 

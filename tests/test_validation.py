@@ -73,6 +73,12 @@ def _idx(*vals, dtype=torch.int32):
     return torch.tensor(vals, dtype=dtype)
 
 
+def _pool(**kw):
+    """A valid fused_recurrent_kla pool call (a 5-slot float32 pool as initial_state, state_indices (3, 0)), then
+    ``kw`` on top."""
+    return _set(**{"initial_state": torch.zeros(5, HV, K, V), "state_indices": _idx(3, 0), **kw})
+
+
 BAD = [
     # ---- ranks -------------------------------------------------------------------------------------------------
     Bad("q-3d", "chunk_kla", _with("q", lambda x: x[0]), ValueError, r"q must have 4 dims \[B, T, H, K\]"),
@@ -195,6 +201,64 @@ BAD = [
     Bad("state_indices-on-meta", "kla_decode", _set(state_indices=_idx(0, 1).to("meta")), ValueError,
         r"state_indices is on meta"),
     Bad("out-on-meta", "kla_decode", _set(out=torch.zeros(B, 1, HV, V, device="meta")), ValueError, r"out is on meta"),
+    # ---- fused_recurrent serving options: state pool, state_indices, inplace_final_state, intermediate_states ----
+    Bad("state_indices-without-pool", "fused_recurrent_kla", _set(state_indices=_idx(0, 1)), ValueError,
+        r"state_indices addresses the slots of a state pool: pass the pool as initial_state .*got initial_state=None"),
+    Bad("state_indices-int64", "fused_recurrent_kla", _pool(state_indices=_idx(0, 1, dtype=torch.int64)), TypeError,
+        r"state_indices must have dtype int32, got int64"),
+    Bad("state_indices-list", "fused_recurrent_kla", _pool(state_indices=[0, 1]), TypeError,
+        r"state_indices must be an int32 torch\.Tensor \[N\], got list"),
+    Bad("state_indices-not-N", "fused_recurrent_kla", _pool(state_indices=_idx(0)), ValueError,
+        r"state_indices must have shape \[N\]=\(2,\), got \(1,\)"),
+    Bad("state_indices-varlen-not-N", "fused_recurrent_kla",
+        _varlen([0, 1, 2, 4], initial_state=torch.zeros(5, HV, K, V), state_indices=_idx(0, 1)), ValueError,
+        r"state_indices must have shape \[N\]=\(3,\), got \(2,\)"),
+    Bad("state_indices-out-of-range", "fused_recurrent_kla", _pool(state_indices=_idx(0, 5)), ValueError,
+        r"state_indices must be in \[-1, N_slots=5\), got values in \[0, 5\]"),
+    Bad("state_indices-below-minus-1", "fused_recurrent_kla", _pool(state_indices=_idx(-3, 0)), ValueError,
+        r"state_indices must be in \[-1, N_slots=5\)"),
+    Bad("state_indices-on-meta", "fused_recurrent_kla", _pool(state_indices=_idx(0, 1).to("meta")), ValueError,
+        r"all tensors must be on one device; q is on cpu, state_indices is on meta"),
+    Bad("pool-fp16", "fused_recurrent_kla", _pool(initial_state=torch.zeros(5, HV, K, V, dtype=torch.float16)),
+        TypeError, r"initial_state must have dtype in \(float32, bfloat16, float64\), got float16"),
+    Bad("pool-wrong-K", "fused_recurrent_kla", _pool(initial_state=torch.zeros(5, HV, 4, V)), ValueError,
+        r"initial_state must have shape \[N_slots, HV, K, V\] with \(HV, K, V\)=\(4, 8, 6\), got \(5, 4, 4, 6\)"),
+    Bad("pool-3d", "fused_recurrent_kla", _pool(initial_state=torch.zeros(HV, K, V)), ValueError,
+        r"initial_state must have 4 dims \[N_slots, HV, K, V\]"),
+    Bad("pool-on-meta", "fused_recurrent_kla", _pool(initial_state=torch.zeros(5, HV, K, V, device="meta")),
+        ValueError, r"initial_state is on meta"),
+    Bad("inplace-without-state_indices", "fused_recurrent_kla",
+        _set(initial_state=torch.zeros(B, HV, K, V), inplace_final_state=True), ValueError,
+        r"inplace_final_state=True needs state_indices .*got state_indices=None"),
+    Bad("inplace-int", "fused_recurrent_kla", _pool(inplace_final_state=1), TypeError,
+        r"inplace_final_state must be a bool, got int"),
+    Bad("inplace-None", "fused_recurrent_kla", _set(inplace_final_state=None), TypeError,
+        r"inplace_final_state must be a bool, got NoneType"),
+    Bad("inplace-repeated-slot", "fused_recurrent_kla", _pool(state_indices=_idx(3, 3), inplace_final_state=True),
+        ValueError, r"state_indices must not repeat a slot when inplace_final_state=True .*got slot\(s\) \[3\]"),
+    Bad("inplace-non-contiguous-pool", "fused_recurrent_kla",
+        _pool(initial_state=torch.zeros(5, HV, V, K).transpose(2, 3), inplace_final_state=True), ValueError,
+        r"initial_state must be contiguous with inplace_final_state=True .*strides"),
+    Bad("intermediate-wrong-rows", "fused_recurrent_kla", _set(intermediate_states=torch.zeros(B * T - 1, HV, K, V)),
+        ValueError, r"intermediate_states must have shape \[B \* T, HV, K, V\]=\(8, 4, 8, 6\) .*got \(7, 4, 8, 6\)"),
+    Bad("intermediate-per-sequence", "fused_recurrent_kla", _set(intermediate_states=torch.zeros(B, T, HV, K, V)),
+        ValueError, r"intermediate_states must have 4 dims \[B \* T, HV, K, V\], got shape \(2, 4, 4, 8, 6\)"),
+    Bad("intermediate-varlen-rows", "fused_recurrent_kla",
+        _varlen([0, 1, 4], intermediate_states=torch.zeros(B * T, HV, K, V)), ValueError,
+        r"intermediate_states must have shape \[B \* T, HV, K, V\]=\(4, 4, 8, 6\)"),
+    Bad("intermediate-V-major", "fused_recurrent_kla", _set(intermediate_states=torch.zeros(B * T, HV, V, K)),
+        ValueError, r"intermediate_states must have shape"),
+    Bad("intermediate-fp16", "fused_recurrent_kla",
+        _set(intermediate_states=torch.zeros(B * T, HV, K, V, dtype=torch.float16)), TypeError,
+        r"intermediate_states must have dtype in \(float32, bfloat16, float64\), got float16"),
+    Bad("intermediate-numpy", "fused_recurrent_kla", _set(intermediate_states=np.zeros((B * T, HV, K, V))),
+        TypeError, r"intermediate_states must be a torch\.Tensor \[B \* T, HV, K, V\], got ndarray"),
+    Bad("intermediate-non-contiguous", "fused_recurrent_kla",
+        _set(intermediate_states=torch.zeros(B * T, HV, V, K).transpose(2, 3)), ValueError,
+        r"intermediate_states must be contiguous \(it is written in place\)"),
+    Bad("intermediate-on-meta", "fused_recurrent_kla",
+        _set(intermediate_states=torch.zeros(B * T, HV, K, V, device="meta")), ValueError,
+        r"intermediate_states is on meta"),
 ]
 
 
@@ -230,6 +294,21 @@ def test_valid_edge_inputs_are_accepted():
     d = _base("kla_decode")
     d.update(state=torch.zeros(5, HV, K, V, dtype=torch.bfloat16), state_indices=_idx(-1, 4), scale=1, eps=1)
     assert _call("kla_decode", d).shape == (B, 1, HV, V)
+    # fused_recurrent on a bf16 pool: padding sequences, -1 repeated with inplace_final_state, a read-only pool that
+    # is not contiguous, per-token states of an empty varlen sequence, an empty pool of all-padding sequences
+    d = _base("fused_recurrent_kla")
+    d.update(initial_state=torch.zeros(5, HV, K, V, dtype=torch.bfloat16), state_indices=_idx(-1, -1),
+             inplace_final_state=True, intermediate_states=torch.zeros(B * T, HV, K, V, dtype=torch.bfloat16))
+    o, ht = _call("fused_recurrent_kla", d)
+    assert o.shape == (B, T, HV, V) and ht is None
+    d = _base("fused_recurrent_kla")
+    d.update(initial_state=torch.zeros(5, HV, V, K).transpose(2, 3), state_indices=_idx(4, 4),
+             output_final_state=True)
+    assert _call("fused_recurrent_kla", d)[1].shape == (B, HV, K, V)
+    d = _base("fused_recurrent_kla")
+    _varlen([0, 0, 4], initial_state=torch.zeros(0, HV, K, V), state_indices=_idx(-1, -1),
+            intermediate_states=torch.zeros(T, HV, K, V, dtype=torch.float64))(d)
+    assert _call("fused_recurrent_kla", d)[0].shape == (1, T, HV, V)
 
 
 def test_validation_reads_no_tensor_values():
@@ -244,3 +323,24 @@ def test_validation_reads_no_tensor_values():
     prob = check_decode_inputs("kla_decode", *(d[n] for n in ("q", "k", "v", "g", "eta", "state")),
                                out=torch.empty(B, 1, HV, V, device="meta"))
     assert prob.T == 1 and prob.group == HV // H
+
+
+def test_pool_base_inputs_are_accepted():
+    # guards the fused_recurrent_kla rows built on _pool(): the pool call itself is valid
+    d = _base("fused_recurrent_kla")
+    _pool(inplace_final_state=True, intermediate_states=torch.zeros(B * T, HV, K, V))(d)
+    o, ht = _call("fused_recurrent_kla", d)
+    assert o.shape == (B, T, HV, V) and ht is None
+
+
+def test_serving_validation_reads_no_cuda_tensor_values():
+    # meta tensors stand in for CUDA ones: a pool call with every serving option validates on shapes alone
+    from kla_tl.conventions import check_recurrent_inputs
+
+    d = {n: x.to("meta") for n, x in _base("fused_recurrent_kla").items()}
+    prob, cu = check_recurrent_inputs("fused_recurrent_kla", *(d[n] for n in ("q", "k", "v", "g", "eta")),
+                                      initial_state=torch.zeros(7, HV, K, V, device="meta"),
+                                      state_indices=torch.zeros(B, dtype=torch.int32, device="meta"),
+                                      inplace_final_state=True,
+                                      intermediate_states=torch.zeros(B * T, HV, K, V, device="meta"))
+    assert cu is None and prob.use_h0 and (prob.N, prob.K, prob.V) == (B, K, V)

@@ -15,7 +15,9 @@ Inputs and outputs (axis letters of :mod:`kla_tl.conventions`):
 - decode: q, k ``[B, 1, H, K]``; v ``[B, 1, HV, V]``; g, eta ``[B, 1, HV]``; state pool ``[N_slots, HV, K, V]`` (fp32
   or bf16, updated in place); optional int32 ``state_indices [B]`` (-1 = padding row); o ``[B, 1, HV, V]``.
 - fused_recurrent: q, k ``[B, T, H, K]``; v, o ``[B, T, HV, V]``; g, eta ``[B, T, HV]``; fp32 ``h0``/``ht``
-  ``[N, HV, K, V]``; int32 ``cu_seqlens [N + 1]`` when varlen (B == 1).
+  ``[N, HV, K, V]``; int32 ``cu_seqlens [N + 1]`` when varlen (B == 1). Serving variant (speculative decoding):
+  ``h0`` a pool ``[N_slots, HV, K, V]`` (fp32 or bf16) addressed by int32 ``state_indices [N]`` (-1 = padding
+  sequence), optionally updated in place; optional per-token states ``inter [B * T, HV, K, V]`` (fp32 or bf16).
 
 One CTA owns a ``K x block_v`` state tile of one (row, value head) and keeps it in registers (decode: in the pool's
 dtype, so a bf16 tile takes half the registers; arithmetic is fp32). Its warps form a ``warps_k x warps_v`` grid:
@@ -364,6 +366,8 @@ def build_decode(*, H: int, HV: int, K: int, V: int, dtype: str, gate_dtype: str
 @functools.lru_cache(maxsize=128)
 def build_fused_recurrent(*, H: int, HV: int, K: int, V: int, dtype: str, gate_dtype: str,   # problem
                           use_h0: bool, store_ht: bool, is_varlen: bool, normalize_q: bool,   # flags
+                          state_dtype: str = "float32", use_indices: bool = False,            # serving flags
+                          is_inplace: bool = False, store_inter: bool = False, inter_dtype: str = "float32",
                           block_v: int, threads: int, block_t: int):                          # schedule
     """Prim_func of the fused recurrence over short sequences (B, T and the state/cu_seqlens lengths dynamic).
 
@@ -371,9 +375,25 @@ def build_fused_recurrent(*, H: int, HV: int, K: int, V: int, dtype: str, gate_d
     ``[N, HV, K, V]`` and ``cu_seqlens`` int32 ``[N + 1]``; when a flag says a tensor is unused the launcher passes
     a small placeholder (never read or written). Dense: grid row n is batch row n over tokens [0, T). Varlen (B == 1):
     grid row n covers tokens [cu_seqlens[n], cu_seqlens[n+1]); an empty sequence stores h0 (or zeros) to ht.
+
+    Serving flags (speculative decoding); any of ``use_indices`` / ``store_inter`` selects the extended signature
+    ``(q, k, v, g, eta, h0, ht, cu_seqlens, state_indices, inter, o, scale, eps)``, a separate kernel (with every
+    serving flag off the prim_func, hence its TileLang cache entry, is the one above):
+
+    - ``use_indices``: ``h0`` is a pool ``[N_slots, HV, K, V]`` of ``state_dtype`` (fp32 or bf16) and sequence n
+      starts from slot ``state_indices[n]`` (int32 ``[N]``); a negative index marks a padding sequence: its o rows
+      are zeros (and its ht row, when stored), and it reads or writes nothing else (no pool slot, no ``inter`` row).
+    - ``is_inplace`` (needs ``use_indices``): the final state is written back into its pool slot (cast to
+      ``state_dtype``); without it the pool is only read.
+    - ``store_inter``: the state after every token is written to ``inter`` ``[B * T, HV, K, V]`` (``inter_dtype``,
+      fp32 or bf16; row ``b * T + t`` dense, ``t`` varlen), cast from the fp32 registers.
     """
     assert dtype in QKV_DTYPES and gate_dtype in GATE_DTYPES, (dtype, gate_dtype)
+    assert state_dtype in POOL_DTYPES and inter_dtype in POOL_DTYPES, (state_dtype, inter_dtype)
     assert HV % H == 0, (H, HV)
+    assert not use_indices or use_h0, "use_indices reads the pool: it needs use_h0"
+    assert not is_inplace or use_indices, "is_inplace writes pool slots: it needs use_indices"
+    assert state_dtype == "float32" or use_indices, "a non-fp32 h0 is read only as a pool"
     assert _layout_ok(K, V, block_v, threads, DTYPE_BYTES["float32"]), (K, V, block_v, threads)
     assert block_t >= 1, block_t
     lay = lane_layout(K, block_v, threads, DTYPE_BYTES["float32"])
@@ -383,12 +403,8 @@ def build_fused_recurrent(*, H: int, HV: int, K: int, V: int, dtype: str, gate_d
     B, TT, NH, NT, NC = T.dynamic("B, T, N_h0, N_ht, N_cu")
     rows_grid = NC - 1 if is_varlen else B
 
-    @T.prim_func
-    def fused_recurrent_kla(q: T.Tensor([B, TT, H, K], dtype), k: T.Tensor([B, TT, H, K], dtype),
-                            v: T.Tensor([B, TT, HV, V], dtype), g: T.Tensor([B, TT, HV], gate_dtype),
-                            eta: T.Tensor([B, TT, HV], gate_dtype), h0: T.Tensor([NH, HV, K, V], "float32"),
-                            ht: T.Tensor([NT, HV, K, V], "float32"), cu_seqlens: T.Tensor([NC], "int32"),
-                            o: T.Tensor([B, TT, HV, V], dtype), scale: T.float32, eps: T.float32):
+    @T.macro
+    def body(q, k, v, g, eta, h0, ht, cu_seqlens, o, slot, inter, scale, eps):
         with T.Kernel(rows_grid, HV, V // block_v, threads=threads) as (n, hv, bv):
             tx = T.get_thread_binding()
             lane = tx % WARP
@@ -420,7 +436,26 @@ def build_fused_recurrent(*, H: int, HV: int, K: int, V: int, dtype: str, gate_d
                 bb = n
                 bos = 0
                 eos = TT
-            if use_h0:
+            if use_indices:
+                sl = T.alloc_var("int32")                                    # pool slot of sequence n
+                sl = slot(n)
+                if sl < 0:
+                    # padding sequence: zeros to o, then no token runs (eos = bos) and S stays 0 (zeros to ht);
+                    # the pool and inter are neither read nor written
+                    if first:
+                        for t in T.serial(eos - bos):
+                            for j in T.vectorized(vec):
+                                o[bb, bos + t, hv, c0 + j] = T.cast(0.0, dtype)
+                    eos = bos
+                if sl >= 0:
+                    for p in T.unroll(passes):
+                        for j in T.vectorized(vec):
+                            s[p, j] = _as(h0[sl, hv, p * rows + r0, c0 + j], state_dtype, "float32")
+                else:
+                    for p in T.unroll(passes):
+                        for j in T.unroll(vec):
+                            s[p, j] = 0.0
+            elif use_h0:
                 for p in T.unroll(passes):
                     for j in T.vectorized(vec):
                         s[p, j] = h0[n, hv, p * rows + r0, c0 + j]
@@ -451,12 +486,51 @@ def build_fused_recurrent(*, H: int, HV: int, K: int, V: int, dtype: str, gate_d
                     if first:
                         for j in T.vectorized(vec):
                             o[bb, t0 + tt, hv, c0 + j] = T.cast(vr[j], dtype)
+                    if store_inter:
+                        # the state after this token -> its token row of inter
+                        for p in T.unroll(passes):
+                            for j in T.vectorized(vec):
+                                inter[bb * TT + t0 + tt, hv, p * rows + r0, c0 + j] = _as(s[p, j], "float32",
+                                                                                          inter_dtype)
             if store_ht:
                 for p in T.unroll(passes):
                     for j in T.vectorized(vec):
                         ht[n, hv, p * rows + r0, c0 + j] = s[p, j]
+            if is_inplace:
+                if sl >= 0:
+                    for p in T.unroll(passes):
+                        for j in T.vectorized(vec):
+                            h0[sl, hv, p * rows + r0, c0 + j] = _as(s[p, j], "float32", state_dtype)
 
-    return fused_recurrent_kla
+    if not (use_indices or store_inter):
+        @T.prim_func
+        def fused_recurrent_kla(q: T.Tensor([B, TT, H, K], dtype), k: T.Tensor([B, TT, H, K], dtype),
+                                v: T.Tensor([B, TT, HV, V], dtype), g: T.Tensor([B, TT, HV], gate_dtype),
+                                eta: T.Tensor([B, TT, HV], gate_dtype), h0: T.Tensor([NH, HV, K, V], "float32"),
+                                ht: T.Tensor([NT, HV, K, V], "float32"), cu_seqlens: T.Tensor([NC], "int32"),
+                                o: T.Tensor([B, TT, HV, V], dtype), scale: T.float32, eps: T.float32):
+            body(q, k, v, g, eta, h0, ht, cu_seqlens, o, None, None, scale, eps)
+
+        return fused_recurrent_kla
+
+    NI, NTOK = T.dynamic("N_idx, N_tok")
+
+    @T.prim_func
+    def fused_recurrent_kla_serving(q: T.Tensor([B, TT, H, K], dtype), k: T.Tensor([B, TT, H, K], dtype),
+                                    v: T.Tensor([B, TT, HV, V], dtype), g: T.Tensor([B, TT, HV], gate_dtype),
+                                    eta: T.Tensor([B, TT, HV], gate_dtype),
+                                    h0: T.Tensor([NH, HV, K, V], state_dtype), ht: T.Tensor([NT, HV, K, V], "float32"),
+                                    cu_seqlens: T.Tensor([NC], "int32"), state_indices: T.Tensor([NI], "int32"),
+                                    inter: T.Tensor([NTOK, HV, K, V], inter_dtype), o: T.Tensor([B, TT, HV, V], dtype),
+                                    scale: T.float32, eps: T.float32):
+        body(q, k, v, g, eta, h0, ht, cu_seqlens, o, lambda i: state_indices[i], inter, scale, eps)
+
+    return fused_recurrent_kla_serving
+
+
+def _as(x, src: str, dst: str):
+    """``x`` (of TileLang dtype ``src``) as ``dst``: the value itself when the dtypes agree, else a cast."""
+    return x if src == dst else T.cast(x, dst)
 
 
 @functools.lru_cache(maxsize=256)
@@ -587,6 +661,19 @@ def _fused_valid(arch: str, key: dict, sch: dict) -> bool:
     return smem <= 48 * 1024  #: static shared-memory limit per CTA without opt-in
 
 
+def fused_serving_flags(key: dict) -> dict:
+    """The serving flags of a fused_recurrent key (absent = off), as :func:`build_fused_recurrent` takes them."""
+    return {"state_dtype": key.get("state_dtype", "float32"), "use_indices": bool(key.get("use_indices", False)),
+            "is_inplace": bool(key.get("is_inplace", False)), "store_inter": bool(key.get("store_inter", False)),
+            "inter_dtype": key.get("inter_dtype", "float32")}
+
+
+def fused_is_serving(key: dict) -> bool:
+    """Whether ``key`` builds the extended (serving) signature of :func:`build_fused_recurrent`."""
+    flags = fused_serving_flags(key)
+    return flags["use_indices"] or flags["store_inter"]
+
+
 def _fused_bucket(key: dict) -> str:
     return f"K{key['K']}_V{key['V']}_{key['dtype']}"
 
@@ -595,8 +682,8 @@ def _fused_build(arch: str, key: dict, schedule: dict, *, target_arch=None, pass
     func = build_fused_recurrent(H=key["H"], HV=key["HV"], K=key["K"], V=key["V"], dtype=key["dtype"],
                                  gate_dtype=key.get("gate_dtype", "float32"), use_h0=bool(key.get("use_h0", True)),
                                  store_ht=bool(key.get("store_ht", True)), is_varlen=bool(key.get("is_varlen", False)),
-                                 normalize_q=bool(key.get("normalize_q", True)), block_v=schedule["block_v"],
-                                 threads=schedule["threads"], block_t=schedule["block_t"])
+                                 normalize_q=bool(key.get("normalize_q", True)), **fused_serving_flags(key),
+                                 block_v=schedule["block_v"], threads=schedule["threads"], block_t=schedule["block_t"])
     return compile_kernel(func, arch, target_arch=target_arch, pass_configs=pass_configs)
 
 
@@ -643,10 +730,16 @@ FUSED_RECURRENT_SPEC = register(KernelSpec(
         _fused_key(32, 32, 128, 128),
         _fused_key(16, 32, 128, 128, is_varlen=True),
         _fused_key(12, 12, 96, 192),
+        #: speculative-decoding verify: fp32 pool read through state_indices (left untouched), per-token states
+        _fused_key(16, 32, 128, 128, is_varlen=True, use_indices=True, store_inter=True),
+        #: serving with a bf16 pool updated in place, bf16 per-token states
+        _fused_key(16, 32, 128, 128, is_varlen=True, state_dtype="bfloat16", use_indices=True, is_inplace=True,
+                   store_inter=True, inter_dtype="bfloat16"),
     ],
     valid=_fused_valid,
     bench=lambda arch, key: _launchers().fused_bench_cases(key),
 ))
 
 __all__ = ["ARCHS", "DECODE_CANDIDATES", "DECODE_SPACE", "FUSED_RECURRENT_SPACE", "DECODE_SPEC", "FUSED_RECURRENT_SPEC",
-           "Layout", "build_decode", "build_fused_recurrent", "compile_kernel", "lane_layout", "min_blocks"]
+           "Layout", "build_decode", "build_fused_recurrent", "compile_kernel", "fused_is_serving",
+           "fused_serving_flags", "lane_layout", "min_blocks"]
