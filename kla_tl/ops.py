@@ -7,9 +7,11 @@ tensors, so nothing inside it is ever traced:
 - ``kla_tl::chunk_fwd`` -- the forward. CUDA tensors of a problem the kernels serve run the TileLang kernels
   (:func:`kla_tl.chunk.chunk_fwd`); everything else runs :func:`kla_tl.reference.chunk_kla_reference` (a CUDA
   call that falls back warns once).
-- ``kla_tl::chunk_bwd`` -- the backward: gradients of q, k, v, g, eta and initial_state. Today it runs the
-  hand-written torch chunk backward (kla_tl.reference_bwd), in float32 (float64 for float64 inputs); TileLang kernels
-  slot in behind the same signature.
+- ``kla_tl::chunk_bwd`` -- the backward: gradients of q, k, v, g, eta and initial_state. On every device it runs the
+  chunk-parallel torch backward (:func:`kla_tl.chunk_bwd.chunk_kla_torch_bwd`: only the two state recurrences loop
+  over chunks, one batched GEMM per step), in float32 (float64 for float64 inputs). It is plain torch, not TileLang
+  kernels yet; those slot in behind the same signature, stage by stage. The per-chunk loop
+  (:mod:`kla_tl.reference_bwd`) stays as the oracle of the tests.
 
 Each has a fake (meta) implementation that derives output shapes and dtypes from input metadata alone, and
 ``kla_tl::chunk_fwd`` has an autograd formula (``torch.library.register_autograd``) that calls
@@ -38,7 +40,7 @@ import torch
 from . import dispatch
 from .conventions import check_inputs, state_dtype_for
 from .reference import chunk_kla_reference
-from .reference_bwd import chunk_kla_reference_bwd
+from .chunk_bwd import chunk_kla_torch_bwd
 
 #: Name used in error messages and warnings raised inside the operators (the public entry point's name).
 FN = "chunk_kla"
@@ -122,14 +124,15 @@ def chunk_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Ten
     Returns:
         Each gradient in its input's shape and dtype, dense; dh0 is the empty placeholder without initial_state.
 
-    Today: :func:`kla_tl.reference_bwd.chunk_kla_reference_bwd`, the hand-written chunk backward of KLA.md section 6
-    in plain torch (float32 arithmetic, float64 for float64 inputs). A CUDA call warns once that it runs there.
+    Today: :func:`kla_tl.chunk_bwd.chunk_kla_torch_bwd`, the backward of KLA.md section 6 in plain torch, batched
+    over all chunks except for the two state sweeps (float32 arithmetic, float64 for float64 inputs); it equals the
+    per-chunk loop :func:`kla_tl.reference_bwd.chunk_kla_reference_bwd`. No TileLang backward kernel yet: a CUDA
+    call warns once that it runs in torch.
     """
     if q.device.type == "cuda":
-        dispatch.warn_once(FN, "backward runs the hand-written torch chunk backward (no TileLang backward kernel "
-                               "yet)")
-    gr = chunk_kla_reference_bwd(q, k, v, g, eta, do, dht=dht, scale=scale, eps=eps, normalize_q=normalize_q,
-                                 initial_state=initial_state, cu_seqlens=cu_seqlens)
+        dispatch.warn_once(FN, "backward runs the chunk-parallel torch backward (no TileLang backward kernel yet)")
+    gr = chunk_kla_torch_bwd(q, k, v, g, eta, do, dht=dht, scale=scale, eps=eps, normalize_q=normalize_q,
+                             initial_state=initial_state, cu_seqlens=cu_seqlens)
     # Outputs must be fresh, dense tensors that alias no input (dh0 is dht itself when no chunk runs).
     cots = tuple(c for c in (do, dht) if c is not None)
 
