@@ -340,3 +340,55 @@ def test_mqar_smoke_run_trains_evaluates_and_writes_results(tmp_path):
     assert "| KLA (kla-tl) |" in (out / "results.md").read_text()
     again = mqar.main(["--smoke", "--out-dir", str(out), "--device", "cpu", "--eval-only", "--models", "kla"])
     assert again["runs"][0]["test_acc"] == res["runs"][0]["test_acc"]
+
+
+def test_mqar_separate_invocations_merge_into_one_table(tmp_path):
+    """One model per invocation (as on a time-limited GPU), then one table: --combine and --merge, with time budgets
+    (--max-minutes, --deadline-minutes) that stop training after its first step and still validate, restore the best
+    and test."""
+    mqar = _load_mqar()
+    a, b, both = tmp_path / "kla", tmp_path / "gdn", tmp_path / "both"
+    ra = mqar.main(["--smoke", "--device", "cpu", "--models", "kla", "--out-dir", str(a), "--no-save"])
+    rb = mqar.main(["--smoke", "--device", "cpu", "--models", "gdn", "--out-dir", str(b), "--no-save",
+                    "--max-minutes", "0"])
+    (run_b,) = rb["runs"]
+    assert run_b["steps"] == 1 and run_b["stop_reason"].startswith("time budget")
+    assert [h["step"] for h in run_b["history"]] == [1]
+    combined = mqar.main(["--combine", str(a), str(b / "results.json"), "--out-dir", str(both)])
+    assert [r["model"] for r in combined["runs"]] == ["kla", "gdn"]
+    assert combined["runs"][0]["test_acc"] == ra["runs"][0]["test_acc"]
+    assert combined["runs"][1]["test_acc"] == run_b["test_acc"]
+    md = (both / "results.md").read_text()
+    for line in ("| KLA (kla-tl) |", "| GDN (kla-tl) |", "--models kla", "--models gdn --out-dir", "--combine"):
+        assert line in md, line
+    assert json.loads((both / "results.json").read_text())["summary"].keys() == {"kla", "gdn"}
+    # --merge: the second invocation adds its run to the first one's results.json
+    mqar.main(["--smoke", "--device", "cpu", "--models", "gdn", "--out-dir", str(a), "--no-save", "--merge",
+               "--deadline-minutes", "0"])                   # a deadline already passed: one step, then test
+    merged = json.loads((a / "results.json").read_text())
+    assert [r["model"] for r in merged["runs"]] == ["kla", "gdn"] and merged["runs"][1]["steps"] == 1
+    assert merged["runs"][0]["command"] == ra["runs"][0]["command"]
+    # runs of different settings are never put into one table
+    c = tmp_path / "other"
+    mqar.main(["--smoke", "--device", "cpu", "--models", "kla", "--out-dir", str(c), "--no-save", "--seeds", "1",
+               "--num-pairs", "2"])
+    with pytest.raises(SystemExit, match="setting differs"):
+        mqar.main(["--combine", str(a), str(c), "--out-dir", str(tmp_path / "bad")])
+
+
+def test_mqar_loss_at_answer_positions_equals_full_logits_loss():
+    """The training loss from logits at the answer positions only equals cross-entropy over all positions with the
+    other labels ignored (the released loss)."""
+    mqar = _load_mqar()
+    x, y = mqar.make_mqar(6, 40, 4, 64, seed=1)
+    pos, tgt = mqar.answers(y)
+    assert pos.shape == tgt.shape == (6, 4) and torch.equal(y.gather(1, pos), tgt)
+    torch.manual_seed(0)
+    model = mqar.MQARModel(mqar.ModelConfig(vocab_size=64, hidden=16, heads=2, head_dim_k=8, head_dim_v=8, mlp=32))
+    with torch.no_grad():
+        full = model(x)
+        part = model(x, pos)
+        want = F.cross_entropy(full.reshape(-1, 64), y.reshape(-1), ignore_index=mqar.IGNORE)
+        got = F.cross_entropy(part.flatten(0, 1), tgt.flatten())
+    assert_rel_close("logits at the answers", part, full.gather(1, pos[..., None].expand(-1, -1, 64)), 1e-6)
+    assert_rel_close("loss", got, want, 1e-6)
