@@ -13,14 +13,17 @@ Everything around the core (projections, short convolutions, gate, eta, output n
 is the same bf16 torch code in both runs, so the two differ by the kernels' error and by what it does downstream.
 Checked, with the tolerances of ``helpers.TOL`` for bfloat16:
 
-- o (the attention core's output inside the layer), y and the cache state: ``TOL["o"]`` / ``TOL["ht"]``;
+- o (the attention core's output inside the layer) and the cache state: ``TOL["o"]`` / ``TOL["ht"]``;
+- y, anchored to the float64 layer: the kernels may add at most ``TOL["o"]`` to the bf16 reference layer's own
+  error (a direct bf16-vs-bf16 comparison of y is not a kernel tolerance: see below; on an H100 it differed by
+  5.3e-3 to 5.8e-3 while o met 5e-3);
 - gradients of x, of every weight matrix and conv kernel, and the per-token gradients of g and eta: ``TOL["grad"]``;
 - gradients of the per-head gate parameters ``A_log``, ``dt_bias`` and ``b_proj.bias``: each is a sum over all B*T
   tokens of per-token terms, whose signs cancel (emulated on the CPU: |sum| / sum|terms| reaches 1e-3), so a
   per-token relative error ``tol`` shows up in the sum as up to ``tol * sum|terms|``; they are compared on that scale,
   ``||d_kernels - d_reference|| <= TOL["grad"] * ||sum_t |term_t|||`` (the terms taken from the reference run).
 
-Why y meets the kernels' own ``TOL["o"]`` but with a modest margin: the output path rounds o's (small) differences
+Why y is anchored rather than compared directly: the output path rounds o's (small) differences
 again in bf16 (RMSNorm, gate product, o_proj), so y differs more than o; a CPU emulation (bf16 layer, o perturbed
 by a relative 3e-4 / 1e-3 / 2e-3 before its bf16 rounding) moved y by 2.4e-3 / 3.4e-3 / 4.2e-3.
 
@@ -169,20 +172,47 @@ def _assert_sum_close(name: str, got: torch.Tensor, ref: torch.Tensor, terms: to
     return err
 
 
-def _compare_training(k: _Run, r: _Run, tag: str):
+class _Checks:
+    """Collects failed checks so that one GPU run reports all of them, then fails once."""
+
+    def __init__(self):
+        self.failed: list[str] = []
+
+    def __call__(self, fn, *args):
+        try:
+            fn(*args)
+        except AssertionError as e:
+            self.failed.append(str(e).splitlines()[0])
+
+    def done(self):
+        assert not self.failed, f"{len(self.failed)} failed check(s):\n" + "\n".join(self.failed)
+
+
+def _assert_anchored(check: _Checks, tag: str, name: str, got, ref, want, tol: float):
+    """``got`` (kernels) is no further from the float64 layer ``want`` than ``ref`` (the reference core in the same
+    bf16 layer) plus ``tol``: the kernels add at most their tolerance to the bf16 layer's own rounding error. (A
+    direct bf16-vs-bf16 comparison of y is not a kernel tolerance: o's differences are re-rounded in bf16 by the
+    output path, so y moves by more than o.)"""
+    def _do():
+        e_k, e_r = rel_error(got, want), rel_error(ref, want)
+        assert e_k <= e_r + tol, (f"{tag} {name} vs the float64 layer: kernels {e_k:.3e}, reference path {e_r:.3e}; "
+                                  f"the kernels may add at most {tol:.1e}")
+    check(_do)
+
+
+def _compare_training(k: _Run, r: _Run, tag: str, check: _Checks):
     assert torch.isfinite(k.y).all(), f"{tag}: y has non-finite entries"
-    assert_rel_close(f"{tag} o (attention core output)", k.rec["o"], r.rec["o"], TOL_O)
-    assert_rel_close(f"{tag} y", k.y, r.y, TOL_O)
+    check(assert_rel_close, f"{tag} o (attention core output)", k.rec["o"], r.rec["o"], TOL_O)
     for key in ("dg", "deta"):
-        assert_rel_close(f"{tag} per-token {key}", k.rec[key], r.rec[key], TOL_GRAD)
+        check(assert_rel_close, f"{tag} per-token {key}", k.rec[key], r.rec[key], TOL_GRAD)
     terms = {"A_log": r.rec["dg"] * r.rec["g"], "dt_bias": r.rec["da"], "b_proj.bias": r.rec["db"]}
     for name, g_ref in r.grads.items():
         g = k.grads[name]
         if name in PER_HEAD:
-            _assert_sum_close(f"{tag} grad {name}", g, g_ref, terms[name], TOL_GRAD)
+            check(_assert_sum_close, f"{tag} grad {name}", g, g_ref, terms[name], TOL_GRAD)
         else:
             assert torch.isfinite(g).all(), f"{tag} grad {name}: non-finite"
-            assert_rel_close(f"{tag} grad {name}", g, g_ref, TOL_GRAD)
+            check(assert_rel_close, f"{tag} grad {name}", g, g_ref, TOL_GRAD)
 
 
 def _layers(dims: str, gdn: bool, seed: int):
@@ -223,17 +253,16 @@ def test_layer_on_kernels_matches_layer_on_reference(dims, gdn, nan_poison):
     finally:
         probe.remove()
     _assert_kernels_served(k, tag)
-    _compare_training(k, r, tag)
+    check = _Checks()
+    _compare_training(k, r, tag, check)
 
     # float64 anchor: the kernels add at most the kernels' tolerance to the bf16 layer's own rounding error
     x64 = x.detach().cpu().double().requires_grad_()
     y64, _ = ref64(x64)
     (y64 * w.cpu().double()).sum().backward()
-    for name, got, ref, want, tol in (("y", k.y, r.y, y64, TOL_O), ("x.grad", k.grads["x"], r.grads["x"], x64.grad,
-                                                                      TOL_GRAD)):
-        e_k, e_r = rel_error(got, want), rel_error(ref, want)
-        assert e_k <= e_r + tol, (f"{tag} {name} vs the float64 layer: kernels {e_k:.3e}, reference path {e_r:.3e}; "
-                                  f"the kernels may add at most {tol:.1e}")
+    _assert_anchored(check, tag, "y", k.y, r.y, y64, TOL_O)
+    _assert_anchored(check, tag, "x.grad", k.grads["x"], r.grads["x"], x64.grad, TOL_GRAD)
+    check.done()
 
 
 @pytest.mark.parametrize("dims,gdn", [("mqar-48x96", False), ("gva-96x192", True)], ids=["mqar-kla", "gva-gdn"])
@@ -242,7 +271,7 @@ def test_packed_sequences_on_kernels_match_reference(dims, gdn, nan_poison):
     cache: outputs, gradients and the per-sequence cache."""
     seed = _seed()
     tag = f"[{dims} {'gdn' if gdn else 'kla'} packed seed {seed}]"
-    layer, _ = _layers(dims, gdn, seed)
+    layer, ref64 = _layers(dims, gdn, seed)
     lens = [0, 37, 1, 112, 130]
     cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
     TT = sum(lens)
@@ -254,12 +283,17 @@ def test_packed_sequences_on_kernels_match_reference(dims, gdn, nan_poison):
     finally:
         probe.remove()
     _assert_kernels_served(k, tag)
-    _compare_training(k, r, tag)
+    check = _Checks()
+    _compare_training(k, r, tag, check)
     assert k.cache.state.shape == (len(lens), layer.num_v_heads, layer.head_dim_k, layer.head_dim_v)
     assert torch.isfinite(k.cache.state).all()
-    assert_rel_close(f"{tag} cache.state", k.cache.state, r.cache.state, TOL_HT)
+    check(assert_rel_close, f"{tag} cache.state", k.cache.state, r.cache.state, TOL_HT)
     for name in ("conv_q", "conv_k", "conv_v"):
-        assert_rel_close(f"{tag} cache.{name}", getattr(k.cache, name), getattr(r.cache, name), TOL_O)
+        check(assert_rel_close, f"{tag} cache.{name}", getattr(k.cache, name), getattr(r.cache, name), TOL_O)
+    with torch.no_grad():
+        y64, _ = ref64(x.cpu().double(), cu_seqlens=cu.cpu())
+    _assert_anchored(check, tag, "y", k.y, r.y, y64, TOL_O)
+    check.done()
 
 
 @pytest.mark.parametrize("dims,gdn", [("mqar-48x96", False), ("gva-96x192", True)], ids=["mqar-kla", "gva-gdn"])
@@ -268,7 +302,7 @@ def test_prefill_decode_and_continue_on_kernels_match_reference(dims, gdn, nan_p
     a 70-token chunk continued from the cache (chunk kernels with an initial state)."""
     seed = _seed()
     tag = f"[{dims} {'gdn' if gdn else 'kla'} cache seed {seed}]"
-    layer, _ = _layers(dims, gdn, seed)
+    layer, ref64 = _layers(dims, gdn, seed)
     P, D, C = 100, 5, 70
     x = _x((3, P + D + C, layer.hidden_size), seed + 1)
 
@@ -291,8 +325,12 @@ def test_prefill_decode_and_continue_on_kernels_match_reference(dims, gdn, nan_p
     _assert_kernels_served(k, tag)
     assert torch.isfinite(k.y).all() and torch.isfinite(k.cache.state).all()
     assert k.cache.state.dtype == torch.float32 and k.cache.seen_tokens == P + D + C
-    assert_rel_close(f"{tag} y (prefill, decode, continuation)", k.y, r.y, TOL_O)
-    assert_rel_close(f"{tag} y of the decoded tokens", k.y[:, P:P + D], r.y[:, P:P + D], TOL_O)
-    assert_rel_close(f"{tag} cache.state", k.cache.state, r.cache.state, TOL_HT)
+    check = _Checks()
+    check(assert_rel_close, f"{tag} cache.state", k.cache.state, r.cache.state, TOL_HT)
     for name in ("conv_q", "conv_k", "conv_v"):
-        assert_rel_close(f"{tag} cache.{name}", getattr(k.cache, name), getattr(r.cache, name), TOL_O)
+        check(assert_rel_close, f"{tag} cache.{name}", getattr(k.cache, name), getattr(r.cache, name), TOL_O)
+    with torch.no_grad():                 # the float64 layer over the whole sequence (decode == full forward)
+        y64, _ = ref64(x.cpu().double())
+    _assert_anchored(check, tag, "y (prefill, decode, continuation)", k.y, r.y, y64, TOL_O)
+    _assert_anchored(check, tag, "y of the decoded tokens", k.y[:, P:P + D], r.y[:, P:P + D], y64[:, P:P + D], TOL_O)
+    check.done()
