@@ -404,3 +404,22 @@ def test_bench_results_survive_a_run_cut_off_after_the_first_job(fake_clock, sui
         _bench(suites_file, out)
     data = records.load(str(out))
     assert len(data["records"]) >= 1 and not records.validate(data)
+
+
+def test_child_process_records_merge_into_the_parents_file_with_its_ceilings(fake_clock, suites_file, tmp_path,
+                                                                             monkeypatch):
+    """A peer that needs another import environment runs in a child `kla-tl bench` that merges its records into the
+    parent's --out as it goes; the parent's ceilings stay (the child measures none)."""
+    out = tmp_path / "r.json"
+    monkeypatch.setattr(peers, "process_groups", lambda names, environ_=None: (
+        [], [({"KLA_TL_TEST_CHILD": "1"}, list(names))]))
+    rc = main(["bench", "--suites-file", suites_file, "--suite", "tiny", "--impls", "kla_tl", "--peers", "none",
+               "--ops", "decode", "--device", "cpu", "--time-fallback", "--no-progress", "--max-sets", "2",
+               "--out", str(out)])
+    assert rc == 0
+    data = records.load(str(out))
+    assert not records.validate(data)
+    assert data["ceilings"] == CEILINGS                              # the parent's, measured before the child ran
+    eager = [r for r in data["records"] if r["op"] == "decode" and not r["graph"]]
+    assert len(eager) == 2 and all(r["impl"] == "kla_tl" and r["ms"] for r in eager)   # timed by the child
+    assert all("frac_bw" in r for r in eager)                        # derived with the parent's ceilings

@@ -142,11 +142,14 @@ def merge_records(old: list[dict], new: list[dict]) -> list[dict]:
 
 
 def merge(existing: dict, new: dict) -> dict:
-    """Merge results ``new`` into ``existing`` (same GPU): header from ``new``, records merged, all re-derived."""
+    """Merge results ``new`` into ``existing`` (same GPU): header from ``new`` (but the ceilings of ``existing`` when
+    ``new`` measured none, as a peer's child process does), records merged, all re-derived."""
     ek, nk = existing.get("device", {}).get("key"), new.get("device", {}).get("key")
     if ek and nk and ek != nk:
         raise ValueError(f"cannot merge results of GPU {nk!r} into a file of GPU {ek!r}; write to another --out")
     out = dict(new)
+    if not new.get("ceilings") and existing.get("ceilings"):
+        out["ceilings"] = existing["ceilings"]
     out["records"] = merge_records(existing.get("records", []), new.get("records", []))
     for r in out["records"]:
         derive(r, out.get("ceilings"))

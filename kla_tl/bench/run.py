@@ -10,7 +10,6 @@ import os
 import subprocess
 import time
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -52,7 +51,7 @@ def default_out(device_key: str) -> str:
 def _child_argv(opts: Options, names: list, out: str, device: torch.device) -> list:
     argv = [sys.executable, "-c", "import sys; from kla_tl.cli import main; sys.exit(main(sys.argv[1:]))",
             "bench", "--suite", opts.suite, "--impls", "none",
-            "--peers", *names, "--out", out, "--no-ceilings", "--no-subprocess", "--device", str(device),
+            "--peers", *names, "--out", out, "--merge", "--no-ceilings", "--no-subprocess", "--device", str(device),
             "--warmup-ms", str(opts.warmup_ms), "--rep-ms", str(opts.rep_ms), "--max-sets", str(opts.max_sets),
             "--seed", str(opts.seed)]
     if opts.suites_file:
@@ -70,26 +69,19 @@ def _child_argv(opts: Options, names: list, out: str, device: torch.device) -> l
     return argv
 
 
-def _run_child(opts: Options, env_vars: dict, names: list, device: torch.device) -> list[dict]:
-    """Run ``names`` in a child process started with ``env_vars``; return its records."""
-    fd, out = tempfile.mkstemp(prefix="kla-tl-bench-", suffix=".json")
-    os.close(fd)
-    os.unlink(out)
+def _run_child(opts: Options, env_vars: dict, names: list, device: torch.device, out: str) -> int:
+    """Run ``names`` in a child process started with ``env_vars``; it merges its records into ``out`` after every
+    job (so a time limit that kills both processes keeps what the child measured). Returns its exit code."""
     env = dict(os.environ)
     env.update(env_vars)
     pkg_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = os.pathsep.join([pkg_root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     desc = " ".join(f"{k}={v}" for k, v in env_vars.items())
     _say(f"running {', '.join(names)} in a child process with {desc} (fla reads it at import)")
-    try:
-        rc = subprocess.run(_child_argv(opts, names, out, device), env=env).returncode
-        if rc != 0 or not os.path.exists(out):
-            _say(f"child process for {', '.join(names)} failed (exit {rc}); their records are missing")
-            return []
-        return records.load(out).get("records", [])
-    finally:
-        if os.path.exists(out):
-            os.unlink(out)
+    rc = subprocess.run(_child_argv(opts, names, os.path.abspath(out), device), env=env).returncode
+    if rc != 0:
+        _say(f"child process for {', '.join(names)} failed (exit {rc}); records it did not write are missing")
+    return rc
 
 
 def _device_alive(device: torch.device) -> bool:
@@ -167,23 +159,24 @@ def run(opts: Options) -> int:
                                   commit=commit, dirty=dirty)
 
     out = opts.out or default_out(dev["key"])
-    existing = None
     if opts.merge and os.path.exists(out):
-        existing = records.load(out)
         try:
-            records.merge(existing, results)
+            records.merge(records.load(out), results)
         except ValueError as e:
             _say(f"{e}; use another --out")
             return 2
+    merge_into_file = [opts.merge]
 
     def save(recs: list[dict]) -> list[str]:
-        """Write what has been measured so far (after every job, so a run cut off by a time limit keeps it)."""
+        """Write what has been measured so far, after every job, so that a run cut off by a time limit keeps it.
+        The file is re-read each time: a peer's child process merges its records into the same file as it goes."""
         data = dict(results, records=[records.derive(dict(r), ceilings) for r in recs])
-        if existing is not None:
-            data = records.merge(existing, data)
+        if merge_into_file[0] and os.path.exists(out):
+            data = records.merge(records.load(out), data)
         problems = records.validate(data)
         if not problems:
             records.save(data, out)
+            merge_into_file[0] = True
         return problems
 
     jobs = [(c, peers.IMPLS[n]) for c in cases for n in runnable if c.op in peers.IMPLS[n].ops]
@@ -223,8 +216,10 @@ def run(opts: Options) -> int:
         _say(f"the CUDA context is unusable after {aborted[1]} ({recs[-1].get('error')}); stopping this process. "
              f"Not run: {len(jobs) - aborted[0]} job(s) ({', '.join(rest)}); rerun them with --merge")
 
+    if not recs:
+        save(recs)                   # the file exists (with this run's header) before a child merges into it
     for env_vars, names in children:
-        recs = records.merge_records(recs, _run_child(opts, env_vars, names, device))
+        _run_child(opts, env_vars, names, device, out)
 
     problems = save(recs)
     if problems:
