@@ -38,6 +38,7 @@ class Options:
     subprocess: bool = True
     verbose: bool = False
     progress: bool = True
+    commit: Optional[str] = None
 
 
 def _say(msg: str) -> None:
@@ -54,6 +55,8 @@ def _child_argv(opts: Options, names: list, out: str, device: torch.device) -> l
             "--peers", *names, "--out", out, "--merge", "--no-ceilings", "--no-subprocess", "--device", str(device),
             "--warmup-ms", str(opts.warmup_ms), "--rep-ms", str(opts.rep_ms), "--max-sets", str(opts.max_sets),
             "--seed", str(opts.seed)]
+    if opts.commit:
+        argv += ["--commit", opts.commit]
     if opts.suites_file:
         argv += ["--suites-file", os.path.abspath(opts.suites_file)]
     if opts.ops:
@@ -151,6 +154,8 @@ def run(opts: Options) -> int:
             _say("measuring ceilings (device-to-device copy, bf16 GEMM)")
         ceilings = timing.measure_ceilings(device, warmup_ms=opts.warmup_ms, rep_ms=opts.rep_ms) or {}
     commit, dirty = records.git_commit()
+    if opts.commit:
+        commit, dirty = opts.commit, (dirty if commit == opts.commit else None)
     settings = {"suite": opts.suite, "suites_file": os.path.basename(opts.suites_file or "suites.json"),
                 "warmup_ms": opts.warmup_ms, "rep_ms": opts.rep_ms, "max_sets": opts.max_sets, "seed": opts.seed,
                 "l2_bytes": timing.l2_bytes(device), "timer": "triton.testing.do_bench quantiles (0.5, 0.2, 0.8); "

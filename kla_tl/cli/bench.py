@@ -47,6 +47,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-sets", type=int, default=64,
                    help="most input sets rotated per timing (they must exceed the L2 together)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--commit", metavar="SHA",
+                   help="kla-tl commit to record (default: git rev-parse HEAD of the checkout; give it when the code "
+                        "runs from an export without .git)")
     p.add_argument("--time-fallback", action="store_true",
                    help="also time kla-tl calls that fall back to the torch reference (off: recorded as an error)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -63,5 +66,5 @@ def run(args) -> int:
                    out=args.out, merge=args.merge, device=args.device, warmup_ms=args.warmup_ms,
                    rep_ms=args.rep_ms, max_sets=args.max_sets, seed=args.seed, time_fallback=args.time_fallback,
                    ceilings=not args.no_ceilings, subprocess=not args.no_subprocess, verbose=args.verbose,
-                   progress=not args.no_progress)
+                   progress=not args.no_progress, commit=args.commit)
     return run_bench(opts)
