@@ -423,3 +423,13 @@ def test_child_process_records_merge_into_the_parents_file_with_its_ceilings(fak
     eager = [r for r in data["records"] if r["op"] == "decode" and not r["graph"]]
     assert len(eager) == 2 and all(r["impl"] == "kla_tl" and r["ms"] for r in eager)   # timed by the child
     assert all("frac_bw" in r for r in eager)                        # derived with the parent's ceilings
+
+
+def test_results_carry_tuned_against_default_from_the_gpus_schedule_file():
+    s = records.schedule_summary("h100")
+    assert s and s["file"] == "schedules/h100.json" and s["provenance"]["tuned"]
+    kernels = {e["kernel"] for e in s["entries"]}
+    assert "decode" in kernels and all(e["default_ms"] > 0 and e["tuned_ms"] > 0 for e in s["entries"])
+    assert records.schedule_summary("cpu") is None and records.schedule_summary(None) is None
+    text = report.build({"device": {"key": "h100"}, "records": [], "schedules": s}, None)[0]
+    assert "Tuned against default schedules" in text and "decode" in text

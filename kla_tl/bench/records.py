@@ -9,6 +9,8 @@ Format (``schema`` 1)::
      "commit": "<git rev-parse HEAD or null>", "dirty": false, "date": "2026-...Z",
      "ceilings": {"copy_tbps": 3.0, "bf16_tflops": 700.0, ...},
      "settings": {"suite": "quick", "warmup_ms": 10, "rep_ms": 40, ...},
+     "schedules": {"file", "provenance", "entries": [{"kernel", "bucket", "default_ms", "tuned_ms", ...}]} (optional:
+                  tuned against default per kernel, from the GPU's schedule file; see schedule_summary),
      "records": [{"op", "impl", "shape": {"B","T","H","HV","K","V","dtype","state_dtype","varlen"},
                   "ms", "spread", "graph", ...optional: "p20", "p80", "tflops", "gbps", "frac_flops", "frac_bw",
                   "peak_gib", "backend", "schedule", "check", "case", "sets", "commit", "error",
@@ -99,6 +101,32 @@ def now_utc() -> str:
 def new_results(device: dict, *, versions_: dict, ceilings: dict, settings: dict, commit=None, dirty=None) -> dict:
     return {"schema": SCHEMA, "device": device, "versions": versions_, "commit": commit, "dirty": dirty,
             "date": now_utc(), "ceilings": ceilings, "settings": settings, "records": []}
+
+
+def schedule_summary(device_key: Optional[str]) -> Optional[dict]:
+    """Tuned against default schedules on this GPU, as ``kla-tl autotune`` measured them and stored them in the
+    shipped ``schedules/<gpu>.json``: ``{"file", "provenance", "entries": [{"kernel", "bucket", "cases",
+    "default_ms", "tuned_ms", "schedule", "default_schedule"}]}``; None without such a file."""
+    if not device_key:
+        return None
+    try:
+        from kla_tl import schedules
+        path = schedules.shipped_dir() / f"{device_key}.json"
+        if not path.is_file():
+            return None
+        doc = schedules.load(path)
+    except (ImportError, ValueError):
+        return None
+    entries = []
+    for kernel, buckets in sorted(doc["kernels"].items()):
+        for bucket, e in sorted(buckets.items()):
+            if e.get("ms") and e.get("default_ms"):
+                entries.append({"kernel": kernel, "bucket": bucket, "cases": e.get("cases", []),
+                                "default_ms": e["default_ms"], "tuned_ms": e["ms"], "schedule": e["schedule"],
+                                "default_schedule": e.get("default_schedule")})
+    p = doc["provenance"]
+    return {"file": f"schedules/{path.name}", "entries": entries,
+            "provenance": {k: p.get(k) for k in ("device", "date", "commit", "tuned")}}
 
 
 # ----------------------------------------------------------------------------------------------------------------

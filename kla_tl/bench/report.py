@@ -340,30 +340,19 @@ def make_plots(results: dict, out_dir: str) -> list[str]:
 # tuned against default schedules
 # ----------------------------------------------------------------------------------------------------------------
 
-def schedules_section(device_key: Optional[str]) -> list[str]:
-    """Tuned against default schedule per kernel and bucket, from the shipped schedule file of this GPU (what
-    ``kla-tl autotune`` measured on it: each entry keeps the default's time beside the tuned one)."""
-    if not device_key:
+def schedules_section(results: dict) -> list[str]:
+    """Tuned against default schedule per kernel and bucket: the results' ``schedules`` block (what ``kla-tl
+    autotune`` measured on this GPU, copied by ``kla-tl bench`` from the schedule file it ran with)."""
+    summary = results.get("schedules")
+    if not summary or not summary.get("entries"):
         return []
-    try:
-        from kla_tl import schedules
-        path = schedules.shipped_dir() / f"{device_key}.json"
-        if not path.is_file():
-            return []
-        doc = schedules.load(path)
-    except (ImportError, ValueError, AttributeError):
-        return []
-    prov = doc["provenance"]
+    prov = summary.get("provenance", {})
     rows = []
-    for kernel, buckets in sorted(doc["kernels"].items()):
-        for bucket, e in sorted(buckets.items()):
-            if e.get("ms") and e.get("default_ms"):
-                sch = ", ".join(f"{k}={v}" for k, v in sorted(e["schedule"].items()))
-                rows.append([kernel, bucket, ", ".join(e.get("cases", [])), f"{e['default_ms']:.4f}",
-                             f"{e['ms']:.4f}", f"{e['default_ms'] / e['ms']:.2f}×", sch])
-    if not rows:
-        return []
-    lines = [f"## Tuned against default schedules ({path.name})", "",
+    for e in summary["entries"]:
+        sch = ", ".join(f"{k}={v}" for k, v in sorted(e["schedule"].items()))
+        rows.append([e["kernel"], e["bucket"], ", ".join(e.get("cases", [])), f"{e['default_ms']:.4f}",
+                     f"{e['tuned_ms']:.4f}", f"{e['default_ms'] / e['tuned_ms']:.2f}×", sch])
+    lines = [f"## Tuned against default schedules (`{summary.get('file')}`)", "",
              f"From `kla-tl autotune` on {prov.get('device')} ({prov.get('date')}, commit "
              f"{str(prov.get('commit'))[:12]}): per bucket, the sum of the median ms per launch of its "
              "representative problems, default schedule against the tuned one.", ""]
@@ -387,7 +376,7 @@ def build(results: dict, baseline: Optional[dict], *, threshold: float = 0.05, r
     groups = _groups(results)
     for op in sorted(groups, key=lambda o: order.index(o) if o in order else len(order)):
         lines += op_section(op, groups[op], by_key, threshold)
-    lines += schedules_section(results.get("device", {}).get("key"))
+    lines += schedules_section(results)
     lines += comparison_section(deltas, lost_, threshold)
     regs = [d for d in deltas if d.regression(threshold)]
     if baseline is not None and comparable(results, baseline) is None:

@@ -162,6 +162,9 @@ def run(opts: Options) -> int:
                 "decode also CUDA-graph replay"}
     results = records.new_results(dev, versions_=records.versions(), ceilings=ceilings, settings=settings,
                                   commit=commit, dirty=dirty)
+    summary = records.schedule_summary(dev["key"])
+    if summary:
+        results["schedules"] = summary
 
     out = opts.out or default_out(dev["key"])
     if opts.merge and os.path.exists(out):
