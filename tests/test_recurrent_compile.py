@@ -215,16 +215,20 @@ def test_decode_default_builds_for_hopper_with_128_bit_state_accesses():
 
 
 @pytest.mark.slow
+def _path_target(path: str):
+    """(arch, target arch, pass configs) of a code path: sm_90a, sm_80, or the Ampere path built for an H100."""
+    arch = "sm_80" if path.startswith("sm_80") else "sm_90a"
+    if path == "sm_80_on_hopper":
+        target, configs = target_for("sm_80", run_on_hopper=True)
+        return arch, target["arch"], configs
+    return arch, arch, target_for(arch)[1]
+
+
 @needs_nvcc
 @pytest.mark.parametrize("path", ["sm_90a", "sm_80", "sm_80_on_hopper"])
 @pytest.mark.parametrize("dims", DIMS, ids=lambda d: f"K{d[0]}_V{d[1]}")
 def test_default_schedules_build_without_spills(path, dims):
-    arch = "sm_80" if path.startswith("sm_80") else "sm_90a"
-    if path == "sm_80_on_hopper":
-        target, configs = target_for("sm_80", run_on_hopper=True)
-        target_arch = target["arch"]
-    else:
-        target_arch, configs = arch, target_for(arch)[1]
+    arch, target_arch, configs = _path_target(path)
     for name, spec, key in _keys(*dims):
         sch = spec.default(arch, key)
         kernel = spec.build(arch, key, sch, target_arch=target_arch, pass_configs=configs)
@@ -291,12 +295,7 @@ def test_serving_variants_build_without_spills(path, build):
     and per-token offsets are 64-bit, and the fp32 buffers keep 128-bit accesses (bf16: 64-bit, 4 values)."""
     K, V, flags = build
     key = _serving_key(K, V, **flags)
-    arch = "sm_80" if path.startswith("sm_80") else "sm_90a"
-    if path == "sm_80_on_hopper":
-        target, configs = target_for("sm_80", run_on_hopper=True)
-        target_arch = target["arch"]
-    else:
-        target_arch, configs = arch, target_for(arch)[1]
+    arch, target_arch, configs = _path_target(path)
     kernel = R.FUSED_RECURRENT_SPEC.build(arch, key, R.FUSED_RECURRENT_SPEC.default(arch, key),
                                           target_arch=target_arch, pass_configs=configs)
     src = kernel.get_kernel_source()

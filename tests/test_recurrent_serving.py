@@ -78,14 +78,18 @@ def test_intermediate_states_equal_step_by_step_decode():
         assert torch.allclose(inter.view(B, T, HV, K, V)[:, t], pool, rtol=1e-12, atol=1e-14), t
 
 
-@pytest.mark.parametrize("pool_dtype", [torch.float64, torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("cu,B,T", LAYOUTS)
-def test_pool_is_read_through_state_indices_and_left_untouched(cu, B, T, pool_dtype):
+def _pool_case(cu, B, T, pool_dtype):
+    """Fresh float64 inputs, a pool of N + 3 slots (a copy kept), and N distinct shuffled slot indices."""
     inp = make_inputs(B, T, H, HV, K, V, dtype=torch.float64, cu_seqlens=cu)
     N = B if cu is None else len(cu) - 1
     pool = (0.1 * torch.randn(N + 3, HV, K, V, dtype=torch.float64)).to(pool_dtype)
-    before = pool.clone()
-    idx = torch.randperm(N + 3)[:N].to(torch.int32)
+    return inp, pool, pool.clone(), torch.randperm(N + 3)[:N].to(torch.int32)
+
+
+@pytest.mark.parametrize("pool_dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cu,B,T", LAYOUTS)
+def test_pool_is_read_through_state_indices_and_left_untouched(cu, B, T, pool_dtype):
+    inp, pool, before, idx = _pool_case(cu, B, T, pool_dtype)
     o, ht = fused_recurrent_kla_reference(*inp.args(), normalize_q=True, output_final_state=True,
                                           initial_state=pool, state_indices=idx, cu_seqlens=inp.cu_seqlens)
     o_want, ht_want = naive_kla(*inp.args(), normalize_q=True, output_final_state=True,
@@ -97,11 +101,7 @@ def test_pool_is_read_through_state_indices_and_left_untouched(cu, B, T, pool_dt
 @pytest.mark.parametrize("pool_dtype", [torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("cu,B,T", LAYOUTS)
 def test_inplace_final_state_writes_the_addressed_slots_only(cu, B, T, pool_dtype):
-    inp = make_inputs(B, T, H, HV, K, V, dtype=torch.float64, cu_seqlens=cu)
-    N = B if cu is None else len(cu) - 1
-    pool = (0.1 * torch.randn(N + 3, HV, K, V, dtype=torch.float64)).to(pool_dtype)
-    before = pool.clone()
-    idx = torch.randperm(N + 3)[:N].to(torch.int32)
+    inp, pool, before, idx = _pool_case(cu, B, T, pool_dtype)
     _, ht = fused_recurrent_kla_reference(*inp.args(), normalize_q=True, output_final_state=True,
                                           initial_state=pool, state_indices=idx, inplace_final_state=True,
                                           cu_seqlens=inp.cu_seqlens)
@@ -109,7 +109,7 @@ def test_inplace_final_state_writes_the_addressed_slots_only(cu, B, T, pool_dtyp
                            initial_state=before[idx.long()].double(), cu_seqlens=inp.cu_seqlens)
     assert torch.equal(ht, ht_want), "the returned final state is computed from the pool before the update"
     assert torch.equal(pool[idx.long()], ht_want.to(pool_dtype))
-    others = torch.ones(N + 3, dtype=torch.bool)
+    others = torch.ones(pool.shape[0], dtype=torch.bool)
     others[idx.long()] = False
     assert torch.equal(pool[others], before[others])
 
