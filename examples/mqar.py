@@ -31,7 +31,7 @@ Usage::
 
     python examples/mqar.py --smoke                       # CPU, tiny sizes, seconds
     python examples/mqar.py --device cuda                 # the paper setting, KLA and GDN, seed 42
-    # one model per call, each within a 10-minute limit, then one table:
+    # one model per call (e.g. under a per-job time limit), then one table:
     python examples/mqar.py --device cuda --models kla --deadline-minutes 8 --out-dir out/kla
     python examples/mqar.py --device cuda --models gdn --deadline-minutes 8 --out-dir out/gdn
     python examples/mqar.py --combine out/kla out/gdn --out-dir examples/results/mqar_h100
