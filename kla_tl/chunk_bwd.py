@@ -52,6 +52,7 @@ import torch
 
 from .conventions import DEFAULT_EPS, QNORM_EPS, state_dtype_for
 from .kernels._tl import G_FLOOR
+from .reference_bwd import bwd_dims, grads_as_inputs
 
 __all__ = ["ChunkPlan", "plan_chunks", "chunk_kla_torch_bwd"]
 
@@ -324,22 +325,15 @@ def chunk_kla_torch_bwd(q, k, v, g, eta, do, *, dht: Optional[torch.Tensor] = No
     ``{"dq", "dk", "dv", "dg", "deta", "dh0"}`` in the dtypes of q, k, v, g, eta and initial_state (``dh0`` None
     without ``initial_state``); arithmetic in float64 for float64 q, else float32. Reads ``cu_seqlens`` on the host.
     """
-    if not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_kla_torch_bwd: chunk_size must be a positive int, got {chunk_size!r}")
-    B, T, H, K = q.shape
-    HV, V = v.shape[2], v.shape[3]
-    G = HV // H
+    B, T, H, K, HV, V, G, scale = bwd_dims("chunk_kla_torch_bwd", q, v, scale, chunk_size)
     cdt = state_dtype_for(q.dtype)
     dev = q.device
-    scale = K ** -0.5 if scale is None else float(scale)
     cu = None if cu_seqlens is None else [int(x) for x in cu_seqlens.tolist()]
     N = B if cu is None else len(cu) - 1
     plan = plan_chunks(B, T, cu, chunk_size, dev)
 
     def result(dq, dk, dv, dg, deta, dh0):
-        return {"dq": dq.to(q.dtype), "dk": dk.to(k.dtype), "dv": dv.to(v.dtype), "dg": dg.to(g.dtype),
-                "deta": deta.to(eta.dtype),
-                "dh0": None if initial_state is None else dh0.to(initial_state.dtype)}
+        return grads_as_inputs(q, k, v, g, eta, initial_state, dq, dk, dv, dg, deta, dh0)
 
     if plan.NC == 0:  # no token at all: the state passes through
         z = lambda *s: torch.zeros(*s, dtype=cdt, device=dev)

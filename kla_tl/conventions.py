@@ -297,6 +297,18 @@ _DECODE_SIGS: dict = {}
 _DECODE_SIGS_MAX = 1024
 
 
+_UNCACHEABLE = object()
+
+
+def _optional_meta(x):
+    """(shape, dtype, device) of an optional tensor argument, None when absent, ``_UNCACHEABLE`` for anything else."""
+    if x is None:
+        return None
+    if type(x) is torch.Tensor:
+        return (x.shape, x.dtype, x.device)
+    return _UNCACHEABLE
+
+
 def _decode_signature(q, k, v, g, eta, state, state_indices, scale, eps, normalize_q, out):
     """What validating a ``kla_decode`` call depends on, as a hashable tuple; None when the call needs the full
     check (an argument that is not exactly a torch.Tensor / float / bool, or an eps that is not positive finite)."""
@@ -305,17 +317,8 @@ def _decode_signature(q, k, v, g, eta, state, state_indices, scale, eps, normali
             and type(state) is Tn and type(normalize_q) is bool and type(eps) is float and 0.0 < eps < math.inf
             and (scale is None or type(scale) is float)):
         return None
-    if state_indices is None:
-        idx = None
-    elif type(state_indices) is Tn:
-        idx = (state_indices.shape, state_indices.dtype, state_indices.device)
-    else:
-        return None
-    if out is None:
-        o = None
-    elif type(out) is Tn:
-        o = (out.shape, out.dtype, out.device)
-    else:
+    idx, o = _optional_meta(state_indices), _optional_meta(out)
+    if idx is _UNCACHEABLE or o is _UNCACHEABLE:
         return None
     return (q.shape, k.shape, v.shape, g.shape, eta.shape, state.shape, q.dtype, k.dtype, v.dtype, g.dtype,
             eta.dtype, state.dtype, q.device, k.device, v.device, g.device, eta.device, state.device, normalize_q,

@@ -40,6 +40,22 @@ from .reference import _segsum, compute_dtype
 __all__ = ["chunk_kla_reference_bwd"]
 
 
+def bwd_dims(fn: str, q: torch.Tensor, v: torch.Tensor, scale: Optional[float], chunk_size: int) -> tuple:
+    """(B, T, H, K, HV, V, G, scale) of a chunk backward call, the scale defaulted to K^-1/2; ``chunk_size`` checked.
+    Shared by the backward implementations (this oracle and :mod:`kla_tl.chunk_bwd`)."""
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"{fn}: chunk_size must be a positive int, got {chunk_size!r}")
+    B, T, H, K = q.shape
+    HV, V = v.shape[2], v.shape[3]
+    return B, T, H, K, HV, V, HV // H, (K ** -0.5 if scale is None else float(scale))
+
+
+def grads_as_inputs(q, k, v, g, eta, initial_state, dq, dk, dv, dg, deta, dh0) -> dict:
+    """The result dict of a chunk backward: each gradient in its input's dtype (``dh0`` None without h0)."""
+    return {"dq": dq.to(q.dtype), "dk": dk.to(k.dtype), "dv": dv.to(v.dtype), "dg": dg.to(g.dtype),
+            "deta": deta.to(eta.dtype), "dh0": None if initial_state is None else dh0.to(initial_state.dtype)}
+
+
 def _dg_chunk(ZG: torch.Tensor, dgam_direct: torch.Tensor, z: torch.Tensor, tail: torch.Tensor) -> torch.Tensor:
     """dg of one chunk (all rows / heads at once).
 
@@ -159,14 +175,9 @@ def chunk_kla_reference_bwd(q, k, v, g, eta, do, *, dht: Optional[torch.Tensor] 
     Returns ``{"dq", "dk", "dv", "dg", "deta", "dh0"}`` in the dtypes of q, k, v, g, eta and initial_state;
     ``dh0`` is None without ``initial_state``. Arithmetic in float64 for float64 q, else float32.
     """
-    if not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_kla_reference_bwd: chunk_size must be a positive int, got {chunk_size!r}")
-    B, T, H, K = q.shape
-    HV, V = v.shape[2], v.shape[3]
-    G = HV // H
+    B, T, H, K, HV, V, G, scale = bwd_dims("chunk_kla_reference_bwd", q, v, scale, chunk_size)
     cdt = compute_dtype(q.dtype)
     dev = q.device
-    scale = K ** -0.5 if scale is None else float(scale)
     qf, kf, vf, gf, ef, dof = (x.to(cdt) for x in (q, k, v, g, eta, do))
     if normalize_q:
         rho = torch.rsqrt((qf * qf).sum(-1, keepdim=True) + QNORM_EPS)
@@ -213,11 +224,4 @@ def chunk_kla_reference_bwd(q, k, v, g, eta, do, *, dht: Optional[torch.Tensor] 
         dq = rho * (dqh - (qh * dqh).sum(-1, keepdim=True) * qh)
     else:
         dq = dqh
-    return {
-        "dq": dq.to(q.dtype),
-        "dk": dk.to(k.dtype),
-        "dv": dv.to(v.dtype),
-        "dg": dg.to(g.dtype),
-        "deta": deta.to(eta.dtype),
-        "dh0": None if initial_state is None else dh0.to(initial_state.dtype),
-    }
+    return grads_as_inputs(q, k, v, g, eta, initial_state, dq, dk, dv, dg, deta, dh0)

@@ -221,7 +221,7 @@ def _candidate_cases():
 
 @pytest.mark.parametrize("case", _candidate_cases(), ids=lambda c: f"{c[0]}-{c[1]}")
 def test_decode_candidate_schedules_match_fp64_reference(path, case):
-    """Every schedule tools/gpu_decode.py --schedules times, launched directly (the key of its sweep: H = 16,
+    """Every hand-picked schedule of DECODE_CANDIDATES, launched directly (the key they were picked at: H = 16,
     HV = 32, K = V = 128), on shuffled slots with a padding row."""
     from kla_tl.kernels.recurrent import DECODE_SPEC
     from kla_tl.kernels.registry import target_for

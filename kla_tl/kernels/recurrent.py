@@ -572,9 +572,9 @@ DECODE_PREFS = (
 DEFAULT_STATE_VALUES = 64
 
 
-#: Decode schedules worth timing against each other on a GPU (``tools/gpu_decode.py --schedules``; the GPU tests run
-#: each): (name, schedule, what it tests), per pool dtype, for K = V = 128. Registers (ptxas, sm_90a): fp32 79 / 122 /
-#: 127 / 79, bf16 128 / 128 / 128 / 80, no spills; CTAs per SM in the descriptions follow from them.
+#: Hand-picked decode schedules worth timing against each other (``kla-tl autotune`` times the whole space; the
+#: GPU tests run each of these): (name, schedule, what it tests), per pool dtype, for K = V = 128. Registers (ptxas,
+#: sm_90a): fp32 79 / 122 / 127 / 79, bf16 128 / 128 / 128 / 80, no spills; CTAs per SM in the descriptions follow.
 DECODE_CANDIDATES = {
     "float32": (
         ("old-tile", {"block_v": 32, "threads": 128, "warps_k": 1, "max_regs": 255},
