@@ -575,27 +575,28 @@ DEFAULT_STATE_VALUES = 64
 #: Hand-picked decode schedules worth timing against each other (``kla-tl autotune`` times the whole space; the
 #: GPU tests run each of these): (name, schedule, what it tests), per pool dtype, for K = V = 128. Registers (ptxas,
 #: sm_90a): fp32 79 / 122 / 127 / 79, bf16 128 / 128 / 128 / 80, no spills; CTAs per SM in the descriptions follow.
+def _warps_along_k(sb: int) -> tuple:
+    """The candidates that split K over warps, for a pool of ``sb``-byte values (the same schedules for fp32 and
+    bf16; the descriptions give the row-piece sizes that follow)."""
+    return (
+        ("half-rows", {"block_v": 64, "threads": 128, "warps_k": 4, "max_regs": 128},
+         f"2 CTAs per tile, warps along K ({64 * sb}-byte row pieces); 4 CTAs/SM"),
+        ("full-rows", {"block_v": 128, "threads": 256, "warps_k": 8, "max_regs": 128},
+         f"1 CTA per tile: a contiguous {128 * 128 * sb // 1024} KB read, 512 B per warp access; 2 CTAs/SM"),
+        ("quarter-rows", {"block_v": 32, "threads": 128, "warps_k": 4, "max_regs": 80},
+         f"4 CTAs per tile, warps along K ({32 * sb}-byte row pieces), 32 values per thread; 6 CTAs/SM"),
+    )
+
+
 DECODE_CANDIDATES = {
     "float32": (
         ("old-tile", {"block_v": 32, "threads": 128, "warps_k": 1, "max_regs": 255},
          "4 warps side by side (8 columns each, 2 lanes per row), shuffle reductions only; 6 CTAs/SM"),
-        ("half-rows", {"block_v": 64, "threads": 128, "warps_k": 4, "max_regs": 128},
-         "2 CTAs per tile, warps along K (256-byte row pieces); 4 CTAs/SM"),
-        ("full-rows", {"block_v": 128, "threads": 256, "warps_k": 8, "max_regs": 128},
-         "1 CTA per tile: a contiguous 64 KB read, 512 B per warp access; 2 CTAs/SM"),
-        ("quarter-rows", {"block_v": 32, "threads": 128, "warps_k": 4, "max_regs": 80},
-         "4 CTAs per tile, warps along K (128-byte row pieces), 32 values per thread; 6 CTAs/SM"),
-    ),
+    ) + _warps_along_k(4),
     "bfloat16": (
         ("old-tile", {"block_v": 32, "threads": 64, "warps_k": 1, "max_regs": 255},
          "2 warps side by side (16 columns each, 2 lanes per row), shuffle reductions only; 8 CTAs/SM"),
-        ("half-rows", {"block_v": 64, "threads": 128, "warps_k": 4, "max_regs": 128},
-         "2 CTAs per tile, warps along K (128-byte row pieces); 4 CTAs/SM"),
-        ("full-rows", {"block_v": 128, "threads": 256, "warps_k": 8, "max_regs": 128},
-         "1 CTA per tile: a contiguous 32 KB read, 2 rows = 512 B per warp access; 2 CTAs/SM"),
-        ("quarter-rows", {"block_v": 32, "threads": 128, "warps_k": 4, "max_regs": 80},
-         "4 CTAs per tile, warps along K (64-byte row pieces), 32 values per thread; 6 CTAs/SM"),
-    ),
+    ) + _warps_along_k(2),
 }
 
 
