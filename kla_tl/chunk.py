@@ -69,20 +69,20 @@ def _tables(prob: Problem, cu: Optional[list[int]], device: torch.device):
 
 
 def problem_key(prob: Problem, *, use_h0: bool, store_ht: bool) -> dict:
+    """Problem key of both stages (see :mod:`kla_tl.kernels.chunk_fwd`); ``tiles`` picks the scan's bucket."""
+    from .kernels.chunk_fwd import tiles_class
+
     return {"H": prob.H, "HV": prob.HV, "K": prob.K, "V": prob.V, "dtype": str(prob.dtype).replace("torch.", ""),
-            "normalize_q": prob.normalize_q, "use_h0": use_h0, "store_ht": store_ht}
+            "normalize_q": prob.normalize_q, "use_h0": use_h0, "store_ht": store_ht,
+            "tiles": tiles_class(prob.N, prob.HV, prob.V)}
 
 
-def _schedule(spec, arch: str, key: dict, device, n_seq: int) -> dict:
+def _schedule(spec, arch: str, key: dict, device) -> dict:
     """Tuned schedule from ``schedules/`` (GPU file, then arch file), else the untuned default."""
     if device is not None:
         from . import schedules
 
-        sch, src = schedules.lookup(spec.name, device, key, arch=arch)
-        if src != schedules.BUILTIN:
-            return sch
-    if spec.name == "chunk_scan":
-        return spec.default(arch, key, n_seq)
+        return schedules.lookup(spec.name, device, key, arch=arch)[0]
     return spec.default(arch, key)
 
 
@@ -92,11 +92,44 @@ def build_kernels(prob: Problem, arch: str, on_hopper: bool, *, scale: float, ep
     from .kernels.chunk_fwd import PREPARE, SCAN
 
     key = problem_key(prob, use_h0=use_h0, store_ht=True)
-    prep = PREPARE.build(arch, key, _schedule(PREPARE, arch, key, device, prob.N), run_on_hopper=on_hopper,
+    prep = PREPARE.build(arch, key, _schedule(PREPARE, arch, key, device), run_on_hopper=on_hopper,
                          scale=scale, eps=eps)
-    scan = SCAN.build(arch, key, _schedule(SCAN, arch, key, device, prob.N), run_on_hopper=on_hopper,
+    scan = SCAN.build(arch, key, _schedule(SCAN, arch, key, device), run_on_hopper=on_hopper,
                       scale=scale, eps=eps)
     return prep, scan
+
+
+class _Launch:
+    """Packed inputs, intermediates and outputs of one forward call: the argument lists of the two kernels."""
+
+    def __init__(self, q, k, v, g, eta, *, prob: Problem, cu, initial_state):
+        device = q.device
+        TT, H, HV, K, V, N = prob.B * prob.T, prob.H, prob.HV, prob.K, prob.V, prob.N
+        self.seqs, self.chunks = _tables(prob, cu, device)
+        self.q = q.reshape(1, TT, H, K).contiguous()
+        self.k = k.reshape(1, TT, H, K).contiguous()
+        self.v = v.reshape(1, TT, HV, V).contiguous()
+        self.g = g.reshape(1, TT, HV).to(torch.float32).contiguous()
+        self.eta = eta.reshape(1, TT, HV).to(torch.float32).contiguous()
+        st = q.dtype
+        self.w = torch.empty(1, TT, HV, K, dtype=st, device=device)
+        self.u = torch.empty(1, TT, HV, V, dtype=st, device=device)
+        self.aqk = torch.empty(1, TT, HV, CHUNK, dtype=st, device=device)
+        self.gcum = torch.empty(1, TT, HV, dtype=torch.float32, device=device)
+        self.rq = torch.empty(1, TT, H, dtype=torch.float32, device=device)
+        self.rk = torch.empty(1, TT, H, dtype=torch.float32, device=device)
+        self.o = torch.empty(1, TT, HV, V, dtype=q.dtype, device=device)
+        self.ht = torch.empty(N, HV, K, V, dtype=torch.float32, device=device)
+        self.h0 = initial_state.to(torch.float32).contiguous() if initial_state is not None else self.ht
+
+    def prepare(self, prep) -> None:
+        if self.chunks.shape[0] > 0:
+            prep(self.q, self.k, self.v, self.g, self.eta, self.chunks, self.w, self.u, self.aqk, self.gcum, self.rq,
+                 self.rk)
+
+    def scan(self, scan) -> None:
+        scan(self.q, self.k, self.w, self.u, self.aqk, self.gcum, self.rq, self.rk, self.seqs, self.h0, self.o,
+             self.ht)
 
 
 def chunk_fwd(q, k, v, g, eta, *, prob: Problem, cu, scale, eps, normalize_q, initial_state, output_final_state):
@@ -115,24 +148,78 @@ def chunk_fwd(q, k, v, g, eta, *, prob: Problem, cu, scale, eps, normalize_q, in
     arch, on_hopper = select_arch(device)
     prep, scan = build_kernels(prob, arch, on_hopper, scale=scale, eps=eps, use_h0=initial_state is not None,
                                device=device)
-    seqs, chunks = _tables(prob, cu, device)
-    qp = q.reshape(1, TT, H, K).contiguous()
-    kp = k.reshape(1, TT, H, K).contiguous()
-    vp = v.reshape(1, TT, HV, V).contiguous()
-    gp = g.reshape(1, TT, HV).to(torch.float32).contiguous()
-    ep = eta.reshape(1, TT, HV).to(torch.float32).contiguous()
-    st = q.dtype
-    w = torch.empty(1, TT, HV, K, dtype=st, device=device)
-    u = torch.empty(1, TT, HV, V, dtype=st, device=device)
-    aqk = torch.empty(1, TT, HV, CHUNK, dtype=st, device=device)
-    gcum = torch.empty(1, TT, HV, dtype=torch.float32, device=device)
-    rq = torch.empty(1, TT, H, dtype=torch.float32, device=device)
-    rk = torch.empty(1, TT, H, dtype=torch.float32, device=device)
-    o = torch.empty(1, TT, HV, V, dtype=q.dtype, device=device)
-    ht = torch.empty(N, HV, K, V, dtype=torch.float32, device=device)
-    h0 = initial_state.to(torch.float32).contiguous() if initial_state is not None else ht
-    if chunks.shape[0] > 0:
-        prep(qp, kp, vp, gp, ep, chunks, w, u, aqk, gcum, rq, rk)
-    scan(qp, kp, w, u, aqk, gcum, rq, rk, seqs, h0, o, ht)
-    return o.reshape(B, T, HV, V), (ht if output_final_state else None)
+    run = _Launch(q, k, v, g, eta, prob=prob, cu=cu, initial_state=initial_state)
+    run.prepare(prep)
+    run.scan(scan)
+    return run.o.reshape(B, T, HV, V), (run.ht if output_final_state else None)
 
+
+# ------------------------------------------------------------------------------------------- autotune bench hooks
+
+#: Representative problems the tuner times per bucket: (B, T) by the scan's tiles class (the prepare stage uses
+#: "many"). One input set is B * T * (H * 2K + HV * V) bf16 values plus the intermediates: > 100 MB at K = V = 128,
+#: so the tuner's rotating sets exceed the 50 MB L2.
+BENCH_SHAPES = {"many": (8, 4096), "few": (2, 16384)}
+#: Relative error of o and the final state of sequence 0 against the float64 reference (the bf16 tolerance).
+BENCH_TOL = 5e-3
+
+
+def chunk_bench_cases(stage: str, key: dict) -> list:
+    """``KernelSpec.bench`` of ``chunk_prepare`` (``stage="prepare"``) and ``chunk_scan`` (``"scan"``): one
+    representative problem of the key's bucket (:data:`BENCH_SHAPES`), Hopper path. ``run`` launches the candidate
+    stage alone (the other stage's inputs come from the default schedule, prepared once per input set); ``check``
+    runs the whole forward with the candidate and compares o and the final state of the first sequence with the
+    float64 reference."""
+    from .kernels.chunk_fwd import PREPARE, SCAN
+    from .kernels.registry import BenchCase
+    from .reference import chunk_kla_reference
+
+    dt = getattr(torch, key["dtype"])
+    B, T = BENCH_SHAPES[key.get("tiles", "many") if stage == "scan" else "many"]
+    H, HV, K, V = key["H"], key["HV"], key["K"], key["V"]
+    prob = Problem(B=B, T=T, H=H, HV=HV, K=K, V=V, N=B, dtype=dt, is_varlen=False,
+                   use_h0=bool(key.get("use_h0", False)), normalize_q=bool(key.get("normalize_q", True)))
+    pkey = dict(key, tiles=problem_key(prob, use_h0=prob.use_h0, store_ht=True)["tiles"])
+    other = SCAN if stage == "prepare" else PREPARE
+    fixed = other.build("sm_90a", pkey, other.default("sm_90a", pkey))
+
+    def make_inputs(seed):
+        gen = torch.Generator(device="cuda").manual_seed(seed)
+        rnd = lambda *s: torch.randn(*s, generator=gen, device="cuda")       # noqa: E731
+        x = {"built": None, "q": rnd(B, T, H, K).to(dt), "k": rnd(B, T, H, K).to(dt), "v": rnd(B, T, HV, V).to(dt),
+             "g": -0.1 * torch.rand(B, T, HV, generator=gen, device="cuda"),
+             "eta": torch.rand(B, T, HV, generator=gen, device="cuda"),
+             "h0": 0.1 * rnd(B, HV, K, V) if prob.use_h0 else None}
+        x["run"] = _Launch(x["q"], x["k"], x["v"], x["g"], x["eta"], prob=prob, cu=None, initial_state=x["h0"])
+        if stage == "scan":
+            x["run"].prepare(fixed)
+        return x
+
+    def run(built, x):
+        x["built"] = built
+        getattr(x["run"], stage)(built)
+        return x["run"].o
+
+    def check(x, _out):
+        r = x["run"]
+        for t in (r.w, r.u, r.aqk, r.gcum, r.rq, r.rk, r.o, r.ht):     # poisoned: every value must be rewritten
+            t.fill_(float("nan"))
+        prep, scan = (x["built"], fixed) if stage == "prepare" else (fixed, x["built"])
+        r.prepare(prep)
+        r.scan(scan)
+        torch.cuda.synchronize()
+        h0 = None if x["h0"] is None else x["h0"][:1].double()
+        o_ref, ht_ref = chunk_kla_reference(*(x[n][:1].double() for n in ("q", "k", "v", "g", "eta")),
+                                            normalize_q=prob.normalize_q, initial_state=h0,
+                                            output_final_state=True)
+        errs = {"o": _rel(r.o.reshape(B, T, HV, V)[:1], o_ref), "ht": _rel(r.ht[:1], ht_ref)}
+        bad = {n: e for n, e in errs.items() if not e <= BENCH_TOL}
+        return None if not bad else f"relative error {bad} > {BENCH_TOL} against the float64 reference"
+
+    label = f"B={B} T={T}" + (f" H={H}/{HV}" if H != HV else f" H={H}")
+    return [BenchCase(label=label, make_inputs=make_inputs, run=run, check=check)]
+
+
+def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
+    got, want = got.double(), want.double()
+    return float((got - want).norm() / want.norm().clamp_min(1e-30))

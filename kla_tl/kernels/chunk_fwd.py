@@ -1,8 +1,12 @@
 """The chunkwise forward as the tooling sees it: tuning spaces, defaults and builders of its two stages,
 registered with :mod:`kla_tl.kernels.registry` (``chunk_prepare`` then ``chunk_scan``).
 
-Problem key of both stages: ``{"H", "HV", "K", "V", "dtype", "normalize_q"}`` (+ ``use_h0``, ``store_ht`` for the
-scan). T, the batch and the number of sequences are dynamic in the kernels, so one build serves every length.
+Problem key of both stages: ``{"H", "HV", "K", "V", "dtype", "normalize_q"}`` (+ ``use_h0``, ``store_ht`` and
+``tiles`` for the scan). T, the batch and the number of sequences are dynamic in the kernels, so one build serves
+every length; ``tiles`` ("few" / "many", :func:`tiles_class`) only selects the scan's schedule bucket, because the
+best scan schedule depends on how many (sequence, value head, 64-column) tiles there are to fill the GPU with.
+Both stages have ``KernelSpec.bench`` hooks (:func:`kla_tl.chunk.chunk_bench_cases`), so ``kla-tl autotune`` times
+them on a GPU.
 """
 
 import json
@@ -47,13 +51,19 @@ def _padded(key) -> bool:
     return key["K"] % 64 != 0
 
 
-def scan_default(arch: str, key: dict, n_seq: int = 8) -> dict:
+def tiles_class(n_seq: int, HV: int, V: int) -> str:
+    """"many" when the (sequence, value head, 64-column) tiles of a problem fill the GPU (at least ``_SM_GUESS``),
+    else "few": the scan's schedule bucket dimension (:func:`scan_bucket`)."""
+    return "many" if n_seq * HV * math.ceil(V / 64) >= _SM_GUESS else "few"
+
+
+def scan_default(arch: str, key: dict) -> dict:
     """Untuned default, from the H100 sweep of (block_v, threads, num_stages, warp_specialize) at K = V = 128:
     with enough (sequence, head, 64-column) tiles to fill the GPU, block_v 64 without warp specialization was
     fastest (0.33 ms at B=8, T=4096, H=16); with few tiles (B=2, T=16384, H=16), block_v 32 with two warp-specialized
-    stages (0.59 ms). K > 128 takes 256 threads and one stage (shared memory); padded K turns specialization off."""
-    ctas = n_seq * key["HV"] * math.ceil(key["V"] / 64)
-    many = ctas >= _SM_GUESS
+    stages (0.59 ms). K > 128 takes 256 threads and one stage (shared memory); padded K turns specialization off.
+    ``key["tiles"]`` (:func:`tiles_class`; "many" when absent) says which case applies."""
+    many = key.get("tiles", "many") == "many"
     ws = arch == "sm_90a" and not _padded(key) and not many and key["K"] <= 128
     return {"block_v": 64 if many else 32, "threads": 256 if key["K"] > 128 else 128,
             "num_stages": 2 if ws else 1, "warp_specialize": ws}
@@ -73,6 +83,10 @@ def scan_valid(arch: str, key: dict, sch: dict) -> bool:
 
 def bucket(key: dict) -> str:
     return f"K{key['K']}_V{key['V']}_{key['dtype']}"
+
+
+def scan_bucket(key: dict) -> str:
+    return f"{bucket(key)}_{key.get('tiles', 'many')}"
 
 
 def _target(arch: str, run_on_hopper: bool):
@@ -104,15 +118,26 @@ def build_scan(arch: str, key: dict, schedule: dict, *, run_on_hopper: bool = Fa
                             num_stages=schedule["num_stages"], target=target, pass_configs=pcs)
 
 
-def _key(H, HV, K, V, dtype="bfloat16", normalize_q=True, use_h0=False, store_ht=True):
+def _key(H, HV, K, V, dtype="bfloat16", normalize_q=True, use_h0=False, store_ht=True, tiles="many"):
     return {"H": H, "HV": HV, "K": K, "V": V, "dtype": dtype, "normalize_q": normalize_q, "use_h0": use_h0,
-            "store_ht": store_ht}
+            "store_ht": store_ht, "tiles": tiles}
 
 
 #: Shapes `kla-tl compile` builds: the benchmark head dims and the published model's.
 EXAMPLE_KEYS = [_key(16, 16, 128, 128), _key(12, 12, 96, 192), _key(16, 32, 64, 64), _key(8, 8, 256, 256)]
+#: The scan's also in the few-tiles bucket at K = V = 128 (few long sequences, e.g. B = 2, T = 16384, H = 16).
+SCAN_EXAMPLE_KEYS = EXAMPLE_KEYS + [_key(16, 16, 128, 128, tiles="few")]
+
+
+def _bench(arch: str, key: dict, stage: str) -> list:
+    from kla_tl.chunk import chunk_bench_cases       # imports torch; only when a GPU run asks for it
+
+    return chunk_bench_cases(stage, key)
+
 
 PREPARE = register(KernelSpec(name="chunk_prepare", space=PREPARE_SPACE, default=prepare_default, bucket=bucket,
-                              build=build_prepare, example_keys=EXAMPLE_KEYS))
-SCAN = register(KernelSpec(name="chunk_scan", space=SCAN_SPACE, default=scan_default, bucket=bucket,
-                           build=build_scan, example_keys=EXAMPLE_KEYS, valid=scan_valid))
+                              build=build_prepare, example_keys=EXAMPLE_KEYS,
+                              bench=lambda arch, key: _bench(arch, key, "prepare")))
+SCAN = register(KernelSpec(name="chunk_scan", space=SCAN_SPACE, default=scan_default, bucket=scan_bucket,
+                           build=build_scan, example_keys=SCAN_EXAMPLE_KEYS, valid=scan_valid,
+                           bench=lambda arch, key: _bench(arch, key, "scan")))
