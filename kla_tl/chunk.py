@@ -6,7 +6,9 @@ tokens, so one kernel variant serves both. Stage 1 (:mod:`kla_tl.kernels.chunk_p
 parallel; stage 2 (:mod:`kla_tl.kernels.chunk_scan`) walks each sequence's chunks in order.
 
 Environment: ``KLA_TL_ARCH=sm_80`` forces the Ampere code path on a Hopper GPU (built for sm_90a with wgmma, TMA and
-warp specialization disabled), so that path is tested on real hardware.
+warp specialization disabled), so that path is tested on real hardware. ``KLA_TL_FWD=split`` (experimental, for
+A/B measurements) runs stage 2 as the two kernels of :mod:`kla_tl.kernels.chunk_split` (a state recurrence storing
+per-chunk states, then a chunk-parallel output) instead of the fused scan.
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ from .conventions import CHUNK, Problem, sequence_bounds
 
 #: Environment variable forcing a code path (``sm_80`` or ``sm_90a``).
 ARCH_ENV = "KLA_TL_ARCH"
+#: Environment variable choosing the forward's second stage: ``fused`` (default, chunk_scan) or ``split``.
+FWD_ENV = "KLA_TL_FWD"
+FWD_CHOICES = ("fused", "split")
 
 _TABLES: dict = {}
 
@@ -52,20 +57,25 @@ def select_arch(device: torch.device) -> tuple[str, bool]:
 
 
 def _tables(prob: Problem, cu: Optional[list[int]], device: torch.device):
-    """(seqs [N, 2], chunks [NC, 2]) int32 on ``device``: (start, end) per sequence and (first token, sequence
-    end) per chunk, in packed token coordinates. Cached per layout."""
+    """(seqs [N, 2], chunks [NC, 2], coff [N]) int32 on ``device``: (start, end) per sequence and (first token,
+    sequence end) per chunk, in packed token coordinates, and each sequence's first row in the chunk table.
+    Cached per layout."""
     key = (prob.B, prob.T, None if cu is None else tuple(cu), device)
     hit = _TABLES.get(key)
     if hit is not None:
         return hit
     seqs = [(b * prob.T + s, b * prob.T + e) for b, s, e in sequence_bounds(prob, cu)]
-    chunks = [(t0, e) for s, e in seqs for t0 in range(s, e, CHUNK)]
+    chunks, coff = [], []
+    for s, e in seqs:
+        coff.append(len(chunks))
+        chunks += [(t0, e) for t0 in range(s, e, CHUNK)]
     seq_t = torch.tensor(seqs, dtype=torch.int32).reshape(-1, 2).to(device)
     chunk_t = torch.tensor(chunks, dtype=torch.int32).reshape(-1, 2).to(device)
+    coff_t = torch.tensor(coff, dtype=torch.int32).to(device)
     if len(_TABLES) > 256:
         _TABLES.clear()
-    _TABLES[key] = (seq_t, chunk_t)
-    return seq_t, chunk_t
+    _TABLES[key] = (seq_t, chunk_t, coff_t)
+    return seq_t, chunk_t, coff_t
 
 
 def problem_key(prob: Problem, *, use_h0: bool, store_ht: bool) -> dict:
@@ -105,7 +115,7 @@ class _Launch:
     def __init__(self, q, k, v, g, eta, *, prob: Problem, cu, initial_state):
         device = q.device
         TT, H, HV, K, V, N = prob.B * prob.T, prob.H, prob.HV, prob.K, prob.V, prob.N
-        self.seqs, self.chunks = _tables(prob, cu, device)
+        self.seqs, self.chunks, self.coff = _tables(prob, cu, device)
         self.q = q.reshape(1, TT, H, K).contiguous()
         self.k = k.reshape(1, TT, H, K).contiguous()
         self.v = v.reshape(1, TT, HV, V).contiguous()
@@ -131,6 +141,50 @@ class _Launch:
         scan(self.q, self.k, self.w, self.u, self.aqk, self.gcum, self.rq, self.rk, self.seqs, self.h0, self.o,
              self.ht)
 
+    def split(self, states, output) -> None:
+        """Stage 2 as state recurrence + chunk-parallel output (:mod:`kla_tl.kernels.chunk_split`); keeps the
+        per-chunk states ``hs`` and ``vn`` (N) on the object."""
+        NC = self.chunks.shape[0]
+        HV, K, V = self.w.shape[2], self.w.shape[3], self.u.shape[3]
+        self.hs = torch.empty(NC, HV, K, V, dtype=self.w.dtype, device=self.w.device)
+        self.vn = torch.empty_like(self.u)
+        states(self.k, self.w, self.u, self.gcum, self.rk, self.seqs, self.coff, self.h0, self.hs, self.vn, self.ht)
+        if NC > 0:
+            output(self.q, self.aqk, self.gcum, self.rq, self.chunks, self.hs, self.vn, self.o)
+
+
+def forward_variant() -> str:
+    """The value of KLA_TL_FWD (``fused`` when unset); ValueError naming the accepted values otherwise."""
+    v = os.environ.get(FWD_ENV, "") or "fused"
+    if v not in FWD_CHOICES:
+        raise ValueError(f"{FWD_ENV} must be one of {FWD_CHOICES}, got {v!r}")
+    return v
+
+
+def split_schedule(arch: str, key: dict) -> dict:
+    """Untuned schedule of the split kernels: 64 state columns per CTA (32 with few tiles), 256 threads for K > 128,
+    one stage, no warp specialization."""
+    return {"block_v": 32 if key.get("tiles") == "few" else 64, "threads": 256 if key["K"] > 128 else 128}
+
+
+def build_split_kernels(prob: Problem, arch: str, on_hopper: bool, *, scale: float, use_h0: bool):
+    """Compiled (chunk_states, chunk_output) of the split second stage; no GPU needed."""
+    import json
+
+    from .kernels.chunk_split import build_chunk_output, build_chunk_states
+    from .kernels.registry import target_for
+
+    key = problem_key(prob, use_h0=use_h0, store_ht=True)
+    sch = split_schedule(arch, key)
+    target, pcs = target_for(arch, on_hopper)
+    pcs = dict(pcs, **{"tl.disable_warp_specialized": True})
+    common = dict(H=prob.H, HV=prob.HV, K=prob.K, V=prob.V, in_dtype=key["dtype"], block_v=sch["block_v"],
+                  threads=sch["threads"], target=json.dumps(target, sort_keys=True),
+                  pass_configs=tuple(sorted(pcs.items())))
+    states = build_chunk_states(use_h0=use_h0, store_ht=True, num_stages=1, **common)
+    output = build_chunk_output(normalize_q=prob.normalize_q, scale=scale, **common)
+    return states, output
+
 
 def chunk_fwd(q, k, v, g, eta, *, prob: Problem, cu, scale, eps, normalize_q, initial_state, output_final_state):
     """Run the two forward kernels; returns (o [B, T, HV, V], final_state [N, HV, K, V] fp32 or None)."""
@@ -150,7 +204,10 @@ def chunk_fwd(q, k, v, g, eta, *, prob: Problem, cu, scale, eps, normalize_q, in
                                device=device)
     run = _Launch(q, k, v, g, eta, prob=prob, cu=cu, initial_state=initial_state)
     run.prepare(prep)
-    run.scan(scan)
+    if forward_variant() == "split":
+        run.split(*build_split_kernels(prob, arch, on_hopper, scale=scale, use_h0=initial_state is not None))
+    else:
+        run.scan(scan)
     return run.o.reshape(B, T, HV, V), (run.ht if output_final_state else None)
 
 

@@ -14,17 +14,20 @@ from kla_tl.reference import chunk_kla_reference
 
 pytestmark = pytest.mark.gpu
 
-PATHS = ["sm_90a", "sm_80"]
+#: code path, and "-split" for the experimental split second stage (KLA_TL_FWD=split, kla_tl.kernels.chunk_split)
+PATHS = ["sm_90a", "sm_80", "sm_90a-split", "sm_80-split"]
 
 
 @pytest.fixture
 def path(request, monkeypatch):
-    """Select the code path (Ampere runs on Hopper with wgmma/TMA/WS disabled) and poison every torch.empty."""
-    arch = request.param
+    """Select the code path (Ampere runs on Hopper with wgmma/TMA/WS disabled) and the forward variant, and poison
+    every torch.empty."""
+    arch, _, variant = request.param.partition("-")
     cap = torch.cuda.get_device_capability()
     if arch == "sm_90a" and cap[0] != 9:
         pytest.skip("the sm_90a path needs a Hopper GPU")
     monkeypatch.setenv("KLA_TL_ARCH", arch)
+    monkeypatch.setenv("KLA_TL_FWD", variant or "fused")
     empty = torch.empty
 
     def poisoned(*args, **kwargs):
@@ -134,3 +137,37 @@ def test_agrees_with_fla_triton(path, monkeypatch):
                                                initial_state=inp.initial_state, output_final_state=True)
     assert_rel_close("o vs fla", o, o_fla, tol_for(torch.bfloat16, "o"))
     assert_rel_close("ht vs fla", ht, ht_fla, tol_for(torch.bfloat16, "ht"))
+
+
+@pytest.mark.parametrize("path", ["sm_90a-split", "sm_80-split"], indirect=True)
+def test_split_stores_the_state_entering_every_chunk(path):
+    """The split variant's per-chunk states: hs[coff[n] + c] equals the float64 reference's final state after the
+    first 64 c tokens of sequence n (varlen with an empty sequence, an initial state, a partial last chunk)."""
+    from kla_tl import chunk as CH
+    from kla_tl.conventions import check_inputs
+
+    inp = make_inputs(1, 330, 2, 4, 128, 128, torch.bfloat16, "cuda", with_h0=True, cu_seqlens=[0, 130, 130, 330])
+    prob, cul = check_inputs("test", *inp.args(), normalize_q=True, **inp.kwargs())
+    arch, on_hopper = CH.select_arch(inp.q.device)
+    scale = 128 ** -0.5
+    prep, _ = CH.build_kernels(prob, arch, on_hopper, scale=scale, eps=1e-6, use_h0=True, device=inp.q.device)
+    run = CH._Launch(*inp.args(), prob=prob, cu=cul, initial_state=inp.initial_state)
+    run.prepare(prep)
+    run.split(*CH.build_split_kernels(prob, arch, on_hopper, scale=scale, use_h0=True))
+    torch.cuda.synchronize()
+    ref = inp.to(torch.float64)
+    bounds = cul
+    coff = run.coff.tolist()
+    for n in range(len(bounds) - 1):
+        s0, e0 = bounds[n], bounds[n + 1]
+        for c in range(-(-(e0 - s0) // 64)):
+            t = s0 + 64 * c
+            sl = slice(s0, t)
+            h0 = ref.initial_state[n:n + 1]
+            if t == s0:
+                want = h0[0]
+            else:
+                _, want = chunk_kla_reference(ref.q[:, sl], ref.k[:, sl], ref.v[:, sl], ref.g[:, sl], ref.eta[:, sl],
+                                              normalize_q=True, initial_state=h0, output_final_state=True)
+                want = want[0]
+            assert_rel_close(f"hs seq {n} chunk {c}", run.hs[coff[n] + c].float(), want, tol_for(torch.bfloat16, "ht"))

@@ -19,7 +19,7 @@ PREPS = [dict(threads=128)]
 def setup(B, T, H, K, V):
     HV = H; TT = B * T; dev = 'cuda'; bf = torch.bfloat16
     prob = Problem(B=B, T=T, H=H, HV=HV, K=K, V=V, N=B, dtype=bf, is_varlen=False, use_h0=False, normalize_q=True)
-    seqs, chunks = _tables(prob, None, torch.device(dev))
+    seqs, chunks, _ = _tables(prob, None, torch.device(dev))
     t = dict(q=torch.randn(1, TT, H, K, device=dev, dtype=bf), k=torch.randn(1, TT, H, K, device=dev, dtype=bf),
              v=torch.randn(1, TT, HV, V, device=dev, dtype=bf),
              g=torch.nn.functional.logsigmoid(torch.randn(1, TT, HV, device=dev) + 2), eta=torch.rand(1, TT, HV, device=dev),

@@ -1,0 +1,198 @@
+"""The chunkwise forward's second half split in two (experimental; not used by ``chunk_kla`` yet): a sequential
+state recurrence that stores the state at the start of every chunk, and a chunk-parallel output kernel.
+
+Why: :mod:`kla_tl.kernels.chunk_scan` computes the output inside its sequential chunk loop, so with few
+(sequence, value head, column) tiles (one long sequence, many value heads) its time is the number of chunks times
+the latency of a chunk step that also loads q and Aqk and runs two extra GEMMs. Here the sequential kernel keeps only
+what the recurrence needs, and the output is computed for all chunks at once from the stored states. The stored
+states (and N) are also the first stage of the backward (KLA.md section 6).
+
+Consumes what :mod:`kla_tl.kernels.chunk_prepare` wrote (w, u, aqk, gcum, rq, rk); same notation as chunk_scan::
+
+    chunk_states  (grid (ceil(V / block_v), N, HV), sequential over a sequence's chunks)
+        hs[c]  = S                                        state at the start of chunk c (input dtype)
+        N      = U - W S                                  -> vn (rows past the sequence end are not written)
+        S      = e^{gamma_n} S + (K^ e^{gamma_n - gamma})^T N
+        ht     = S at the end (fp32, optional)
+    chunk_output  (grid (ceil(V / block_v), NCT, HV), all chunks in parallel)
+        O      = (scale e^gamma q^) hs[c] + Aqk N         -> o
+
+Chunk ``c`` of sequence ``n`` is row ``coff[n] + c`` of ``hs [NCT, HV, K, V]`` (``coff`` int32 ``[N]``: chunks of
+the sequences before ``n``), which is also row ``coff[n] + c`` of the prepare kernel's chunk table, so the output
+kernel reads its chunk's (first token, sequence end) from ``chunks [NCT, 2]``.
+
+The state kernel's chunk step repeats chunk_scan's (loads, N, the state update) on purpose while the two designs are
+compared on a GPU; the one that loses goes.
+"""
+
+import functools
+
+import tilelang
+import tilelang.language as T
+
+from ._tl import LOG2E
+
+C = 64
+
+
+@functools.lru_cache(maxsize=None)
+def build_chunk_states(*, H: int, HV: int, K: int, V: int, in_dtype: str, use_h0: bool, store_ht: bool,
+                       block_v: int, threads: int, num_stages: int, target: str, pass_configs: tuple = ()):
+    """Compile the state recurrence (no GPU needed). ``target`` is a JSON target string."""
+    import json
+
+    G = HV // H
+    KP = -(-K // 64) * 64
+    acc = "float32"
+    st = in_dtype
+    TT = T.dynamic("TT")
+    N = T.dynamic("N")
+    NCT = T.dynamic("NCT")
+    NV = (V + block_v - 1) // block_v
+
+    @T.prim_func
+    def chunk_states(
+        k: T.Tensor([1, TT, H, K], in_dtype),
+        w: T.Tensor([1, TT, HV, K], st),
+        u: T.Tensor([1, TT, HV, V], st),
+        gcum: T.Tensor([1, TT, HV], "float32"),
+        rk: T.Tensor([1, TT, H], "float32"),
+        seqs: T.Tensor([N, 2], "int32"),
+        coff: T.Tensor([N], "int32"),
+        h0: T.Tensor([N, HV, K, V], "float32"),
+        hs: T.Tensor([NCT, HV, K, V], st),
+        vn: T.Tensor([1, TT, HV, V], st),
+        ht: T.Tensor([N, HV, K, V], "float32"),
+    ):
+        with T.Kernel(NV, N, HV, threads=threads) as (iv, n, hv):
+            hk = hv // G
+            v0 = iv * block_v
+            bos = seqs[n, 0]
+            eos = seqs[n, 1]
+            c0 = coff[n]
+
+            k_s = T.alloc_shared((C, KP), in_dtype)
+            w_s = T.alloc_shared((C, KP), st)
+            u_s = T.alloc_shared((C, block_v), st)
+            vn_s = T.alloc_shared((C, block_v), st)
+            vd_s = T.alloc_shared((C, block_v), st)
+            h_s = T.alloc_shared((KP, block_v), st)
+            gam_s = T.alloc_shared((C,), acc)
+            rk_s = T.alloc_shared((C,), acc)
+
+            h_f = T.alloc_fragment((KP, block_v), acc)
+            wh_f = T.alloc_fragment((C, block_v), acc)
+
+            if use_h0:
+                for i, j in T.Parallel(KP, block_v):
+                    h_f[i, j] = T.if_then_else(i < K and v0 + j < V, h0[n, hv, i, v0 + j], 0.0)
+            else:
+                T.clear(h_f)
+
+            for c in T.Pipelined(T.ceildiv(eos - bos, C), num_stages=num_stages):
+                t0 = bos + c * C
+                if KP == K:
+                    T.copy(k[0, t0:t0 + C, hk, :], k_s)
+                    T.copy(w[0, t0:t0 + C, hv, :], w_s)
+                else:
+                    for i, d in T.Parallel(C, KP):
+                        k_s[i, d] = T.if_then_else(t0 + i < eos and d < K, k[0, t0 + i, hk, d], T.cast(0, in_dtype))
+                        w_s[i, d] = T.if_then_else(t0 + i < eos and d < K, w[0, t0 + i, hv, d], T.cast(0, st))
+                T.copy(u[0, t0:t0 + C, hv, v0:v0 + block_v], u_s)
+                T.copy(gcum[0, t0:t0 + C, hv], gam_s, disable_tma=True)
+                T.copy(rk[0, t0:t0 + C, hk], rk_s, disable_tma=True)
+                nl = T.min(eos - t0, C) - 1
+
+                T.copy(h_f, h_s)
+                for i, j in T.Parallel(KP, block_v):        # the state entering this chunk
+                    if i < K and v0 + j < V:
+                        hs[c0 + c, hv, i, v0 + j] = h_s[i, j]
+                T.gemm(w_s, h_s, wh_f, clear_accum=True)
+                for i, j in T.Parallel(C, block_v):
+                    wh_f[i, j] = T.if_then_else(t0 + i < eos, u_s[i, j] - wh_f[i, j], 0.0)
+                for i, j in T.Parallel(C, block_v):
+                    vn_s[i, j] = wh_f[i, j]
+                    vd_s[i, j] = T.if_then_else(
+                        t0 + i < eos, wh_f[i, j] * (rk_s[i] * T.exp2((gam_s[nl] - gam_s[i]) * LOG2E)), 0.0)
+                for i, j in T.Parallel(C, block_v):
+                    if t0 + i < eos and v0 + j < V:
+                        vn[0, t0 + i, hv, v0 + j] = vn_s[i, j]
+                for i, j in T.Parallel(KP, block_v):
+                    h_f[i, j] = h_f[i, j] * T.exp2(gam_s[nl] * LOG2E)
+                T.gemm(k_s, vd_s, h_f, transpose_A=True)
+
+            if store_ht:
+                for i, j in T.Parallel(KP, block_v):
+                    if i < K and v0 + j < V:
+                        ht[n, hv, i, v0 + j] = h_f[i, j]
+
+    return tilelang.compile(chunk_states, target=json.loads(target), pass_configs=dict(pass_configs))
+
+
+@functools.lru_cache(maxsize=None)
+def build_chunk_output(*, H: int, HV: int, K: int, V: int, in_dtype: str, normalize_q: bool, scale: float,
+                       block_v: int, threads: int, target: str, pass_configs: tuple = ()):
+    """Compile the chunk-parallel output kernel (no GPU needed). ``target`` is a JSON target string."""
+    import json
+
+    G = HV // H
+    KP = -(-K // 64) * 64
+    acc = "float32"
+    st = in_dtype
+    TT = T.dynamic("TT")
+    NCT = T.dynamic("NCT")
+    NV = (V + block_v - 1) // block_v
+
+    @T.prim_func
+    def chunk_output(
+        q: T.Tensor([1, TT, H, K], in_dtype),
+        aqk: T.Tensor([1, TT, HV, C], st),
+        gcum: T.Tensor([1, TT, HV], "float32"),
+        rq: T.Tensor([1, TT, H], "float32"),
+        chunks: T.Tensor([NCT, 2], "int32"),
+        hs: T.Tensor([NCT, HV, K, V], st),
+        vn: T.Tensor([1, TT, HV, V], st),
+        o: T.Tensor([1, TT, HV, V], in_dtype),
+    ):
+        with T.Kernel(NV, NCT, HV, threads=threads) as (iv, ic, hv):
+            hk = hv // G
+            v0 = iv * block_v
+            t0 = chunks[ic, 0]
+            eos = chunks[ic, 1]
+
+            q_s = T.alloc_shared((C, KP), in_dtype)
+            a_s = T.alloc_shared((C, C), st)
+            h_s = T.alloc_shared((KP, block_v), st)
+            vn_s = T.alloc_shared((C, block_v), st)
+            gam_s = T.alloc_shared((C,), acc)
+            rq_s = T.alloc_shared((C,), acc)
+            o_f = T.alloc_fragment((C, block_v), acc)
+
+            # every load masked: rows past the sequence end belong to the next sequence (or lie past TT)
+            for i, d in T.Parallel(C, KP):
+                q_s[i, d] = T.if_then_else(t0 + i < eos and d < K, q[0, t0 + i, hk, d], T.cast(0, in_dtype))
+            for i, j in T.Parallel(C, C):
+                a_s[i, j] = T.if_then_else(t0 + i < eos, aqk[0, t0 + i, hv, j], T.cast(0, st))
+            for i, j in T.Parallel(KP, block_v):
+                h_s[i, j] = T.if_then_else(i < K and v0 + j < V, hs[ic, hv, i, v0 + j], T.cast(0, st))
+            for i, j in T.Parallel(C, block_v):
+                vn_s[i, j] = T.if_then_else(t0 + i < eos and v0 + j < V, vn[0, t0 + i, hv, v0 + j], T.cast(0, st))
+            for i in T.Parallel(C):
+                gam_s[i] = T.if_then_else(t0 + i < eos, gcum[0, t0 + i, hv], 0.0)
+                if normalize_q:
+                    rq_s[i] = T.if_then_else(t0 + i < eos, rq[0, t0 + i, hk], 0.0)
+
+            # O = diag(scale e^gamma / |q|) (Q S) + Aqk N
+            T.gemm(q_s, h_s, o_f, clear_accum=True)
+            for i, j in T.Parallel(C, block_v):
+                if normalize_q:
+                    o_f[i, j] = o_f[i, j] * (scale * rq_s[i] * T.exp2(gam_s[i] * LOG2E))
+                else:
+                    o_f[i, j] = o_f[i, j] * (scale * T.exp2(gam_s[i] * LOG2E))
+            T.gemm(a_s, vn_s, o_f)
+            T.copy(o_f, vn_s)                           # staged: row-contiguous vector stores to o
+            for i, j in T.Parallel(C, block_v):
+                if t0 + i < eos and v0 + j < V:
+                    o[0, t0 + i, hv, v0 + j] = vn_s[i, j]
+
+    return tilelang.compile(chunk_output, target=json.loads(target), pass_configs=dict(pass_configs))

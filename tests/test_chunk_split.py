@@ -1,0 +1,71 @@
+"""CPU tests of the experimental split second stage of the chunk forward (``KLA_TL_FWD=split``,
+:mod:`kla_tl.kernels.chunk_split`): the switch, the chunk-offset table, and (slow) both kernels building on every
+code path without spills, with the launcher's arguments matching their signatures. The numerics run on a GPU
+(tests/test_chunk_fwd_gpu.py runs its whole grid on the split variant too)."""
+
+import pytest
+import torch
+
+from kla_tl import chunk as CH
+from kla_tl.conventions import Problem
+
+
+def test_forward_variant_switch(monkeypatch):
+    monkeypatch.delenv(CH.FWD_ENV, raising=False)
+    assert CH.forward_variant() == "fused"
+    monkeypatch.setenv(CH.FWD_ENV, "split")
+    assert CH.forward_variant() == "split"
+    monkeypatch.setenv(CH.FWD_ENV, "fast")
+    with pytest.raises(ValueError, match=r"KLA_TL_FWD must be one of \('fused', 'split'\), got 'fast'"):
+        CH.forward_variant()
+
+
+def test_chunk_offsets_index_each_sequences_first_chunk(monkeypatch):
+    monkeypatch.setattr(CH, "_TABLES", {})
+    prob = Problem(B=1, T=330, H=2, HV=2, K=64, V=64, N=4, dtype=torch.bfloat16, is_varlen=True, use_h0=False,
+                   normalize_q=False)
+    seqs, chunks, coff = CH._tables(prob, [0, 130, 130, 131, 330], torch.device("cpu"))
+    assert coff.tolist() == [0, 3, 3, 4]                         # 3 chunks, empty, 1 chunk, 4 chunks
+    assert chunks.shape[0] == 8 and chunks[3].tolist() == [130, 131] and chunks[4].tolist() == [131, 330]
+    assert seqs.tolist() == [[0, 130], [130, 130], [130, 131], [131, 330]]
+
+
+def test_split_schedule_defaults():
+    assert CH.split_schedule("sm_90a", {"K": 128, "tiles": "many"}) == {"block_v": 64, "threads": 128}
+    assert CH.split_schedule("sm_80", {"K": 128, "tiles": "few"}) == {"block_v": 32, "threads": 128}
+    assert CH.split_schedule("sm_90a", {"K": 256, "tiles": "many"})["threads"] == 256
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", ["sm_90a", "sm_80", "sm_80_on_hopper"])
+@pytest.mark.parametrize("K,V", [(128, 128), (96, 192), (64, 64), (256, 256)])
+def test_split_kernels_build_without_spills_and_match_the_launcher(path, K, V, monkeypatch):
+    pytest.importorskip("tilelang")
+    from kla_tl.kernels.resources import resource_report
+
+    arch = "sm_80" if path.startswith("sm_80") else "sm_90a"
+    H, HV, B, T = 2, 4, 2, 100
+    prob = Problem(B=B, T=T, H=H, HV=HV, K=K, V=V, N=B, dtype=torch.bfloat16, is_varlen=False, use_h0=True,
+                   normalize_q=True)
+    states, output = CH.build_split_kernels(prob, arch, path == "sm_80_on_hopper", scale=K ** -0.5, use_h0=True)
+    for kern in (states, output):
+        for name, r in resource_report(kern).items():
+            assert r["spill_stores"] == 0 and r["spill_loads"] == 0, (name, r)
+            assert r["dyn_smem"] <= 227 * 1024, (name, r)
+    monkeypatch.setattr(CH, "_TABLES", {})
+    x = [torch.randn(B, T, H, K).bfloat16(), torch.randn(B, T, H, K).bfloat16(), torch.randn(B, T, HV, V).bfloat16(),
+         -torch.rand(B, T, HV), torch.rand(B, T, HV)]
+    run = CH._Launch(*x, prob=prob, cu=None, initial_state=torch.zeros(B, HV, K, V))
+    calls = []
+    run.split(lambda *a: calls.append(a), lambda *a: calls.append(a))
+    dims = {"TT": B * T, "N": B, "NCT": run.chunks.shape[0]}
+    attr = {id(t): n for n, t in vars(run).items() if isinstance(t, torch.Tensor)}
+    for kern, args in zip((states, output), calls):
+        f = kern.prim_func
+        params = [p for p in f.params if p in f.buffer_map]
+        assert len(params) == len(args)
+        for p, a in zip(params, args):
+            name, buf = str(p.name).removesuffix("_handle"), f.buffer_map[p]
+            assert attr[id(a)] == name, (name, attr[id(a)])
+            shape = tuple(dims[str(d)] if not str(d).isdigit() else int(d) for d in buf.shape)
+            assert tuple(a.shape) == shape and str(a.dtype).replace("torch.", "") == str(buf.dtype), name
