@@ -152,6 +152,20 @@ class _Launch:
         if NC > 0:
             output(self.q, self.aqk, self.gcum, self.rq, self.chunks, self.hs, self.vn, self.o)
 
+    def dstates(self, kernel, do: torch.Tensor, dht: Optional[torch.Tensor]) -> None:
+        """The backward's reverse state-gradient recurrence (:func:`kla_tl.kernels.chunk_split.build_chunk_dstates`,
+        experimental) after :meth:`prepare`: keeps ``dhs`` (gradient at the state leaving every chunk), ``dvn``
+        (gradient of N) and ``dh0`` on the object."""
+        NC, TT = self.chunks.shape[0], self.q.shape[1]
+        HV, K, V = self.w.shape[2], self.w.shape[3], self.u.shape[3]
+        self.dhs = torch.empty(NC, HV, K, V, dtype=self.w.dtype, device=self.w.device)
+        self.dvn = torch.empty_like(self.u)
+        self.dh0 = torch.empty_like(self.ht)
+        self.do = do.reshape(1, TT, HV, V).to(self.q.dtype).contiguous()
+        self.dht = dht.to(torch.float32).contiguous() if dht is not None else self.dh0
+        kernel(self.q, self.k, self.w, self.aqk, self.gcum, self.rq, self.rk, self.do, self.seqs, self.coff, self.dht,
+               self.dhs, self.dvn, self.dh0)
+
 
 def forward_variant() -> str:
     """The value of KLA_TL_FWD (``fused`` when unset); ValueError naming the accepted values otherwise."""
@@ -184,6 +198,24 @@ def build_split_kernels(prob: Problem, arch: str, on_hopper: bool, *, scale: flo
     states = build_chunk_states(use_h0=use_h0, store_ht=True, num_stages=1, **common)
     output = build_chunk_output(normalize_q=prob.normalize_q, scale=scale, **common)
     return states, output
+
+
+def build_dstates_kernel(prob: Problem, arch: str, on_hopper: bool, *, scale: float, use_dht: bool):
+    """Compiled reverse state-gradient recurrence of the backward (experimental; same schedule as the split
+    forward's state kernel); no GPU needed."""
+    import json
+
+    from .kernels.chunk_split import build_chunk_dstates
+    from .kernels.registry import target_for
+
+    key = problem_key(prob, use_h0=False, store_ht=True)
+    sch = split_schedule(arch, key)
+    target, pcs = target_for(arch, on_hopper)
+    pcs = dict(pcs, **{"tl.disable_warp_specialized": True})
+    return build_chunk_dstates(H=prob.H, HV=prob.HV, K=prob.K, V=prob.V, in_dtype=key["dtype"],
+                               normalize_q=prob.normalize_q, scale=scale, use_dht=use_dht, store_dh0=True,
+                               block_v=sch["block_v"], threads=sch["threads"], num_stages=1,
+                               target=json.dumps(target, sort_keys=True), pass_configs=tuple(sorted(pcs.items())))
 
 
 def chunk_fwd(q, k, v, g, eta, *, prob: Problem, cu, scale, eps, normalize_q, initial_state, output_final_state):

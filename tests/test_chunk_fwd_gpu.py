@@ -171,3 +171,52 @@ def test_split_stores_the_state_entering_every_chunk(path):
                                               normalize_q=True, initial_state=h0, output_final_state=True)
                 want = want[0]
             assert_rel_close(f"hs seq {n} chunk {c}", run.hs[coff[n] + c].float(), want, tol_for(torch.bfloat16, "ht"))
+
+
+@pytest.mark.parametrize("path", ["sm_90a", "sm_80"], indirect=True)
+@pytest.mark.parametrize("K,V", [(128, 128), (96, 192)])
+def test_dstates_kernel_matches_the_reference_backward(path, K, V):
+    """The backward's reverse state-gradient kernel (experimental, kla_tl.kernels.chunk_split): dh0 equals the
+    float64 reference backward's initial-state gradient, and the gradient at the state leaving chunk c of a sequence
+    equals dh0 of the reference backward of the rest of that sequence started from the true state there (varlen
+    with an empty sequence, a partial last chunk, dht given)."""
+    from kla_tl import chunk as CH
+    from kla_tl.conventions import check_inputs
+    from kla_tl.reference_bwd import chunk_kla_reference_bwd
+
+    cu = [0, 130, 130, 330]
+    inp = make_inputs(1, 330, 2, 4, K, V, torch.bfloat16, "cuda", with_h0=True, cu_seqlens=cu)
+    do = torch.randn(1, 330, 4, V, device="cuda").bfloat16()
+    dht = torch.randn(3, 4, K, V, device="cuda")
+    prob, cul = check_inputs("test", *inp.args(), normalize_q=True, **inp.kwargs())
+    arch, on_hopper = CH.select_arch(inp.q.device)
+    scale = K ** -0.5
+    prep, _ = CH.build_kernels(prob, arch, on_hopper, scale=scale, eps=1e-6, use_h0=True, device=inp.q.device)
+    run = CH._Launch(*inp.args(), prob=prob, cu=cul, initial_state=inp.initial_state)
+    run.prepare(prep)
+    run.dstates(CH.build_dstates_kernel(prob, arch, on_hopper, scale=scale, use_dht=True), do, dht)
+    torch.cuda.synchronize()
+    tol = tol_for(torch.bfloat16, "grad")                   # gradients: the backward's bf16 tolerance
+    ref = inp.to(torch.float64)
+    do64, dht64 = do.double(), dht.double()
+    full = chunk_kla_reference_bwd(*ref.args(), do64, dht=dht64, normalize_q=True, **ref.kwargs())
+    assert_rel_close("dh0", run.dh0, full["dh0"], tol)
+    coff = run.coff.tolist()
+    for n in range(len(cu) - 1):
+        s0, e0 = cu[n], cu[n + 1]
+        for c in range(-(-(e0 - s0) // 64)):
+            t = min(s0 + 64 * (c + 1), e0)                  # the state leaving chunk c
+            if t == e0:
+                want = dht64[n]
+            else:
+                h0 = ref.initial_state[n:n + 1]
+                if t > s0:
+                    sl = slice(s0, t)
+                    _, h0 = chunk_kla_reference(ref.q[:, sl], ref.k[:, sl], ref.v[:, sl], ref.g[:, sl],
+                                                ref.eta[:, sl], normalize_q=True, initial_state=h0,
+                                                output_final_state=True)
+                rest = slice(t, e0)
+                want = chunk_kla_reference_bwd(ref.q[:, rest], ref.k[:, rest], ref.v[:, rest], ref.g[:, rest],
+                                               ref.eta[:, rest], do64[:, rest], dht=dht64[n:n + 1],
+                                               normalize_q=True, initial_state=h0)["dh0"][0]
+            assert_rel_close(f"dhs seq {n} chunk {c}", run.dhs[coff[n] + c].float(), want, tol)

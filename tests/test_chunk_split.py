@@ -48,7 +48,8 @@ def test_split_kernels_build_without_spills_and_match_the_launcher(path, K, V, m
     prob = Problem(B=B, T=T, H=H, HV=HV, K=K, V=V, N=B, dtype=torch.bfloat16, is_varlen=False, use_h0=True,
                    normalize_q=True)
     states, output = CH.build_split_kernels(prob, arch, path == "sm_80_on_hopper", scale=K ** -0.5, use_h0=True)
-    for kern in (states, output):
+    dstates = CH.build_dstates_kernel(prob, arch, path == "sm_80_on_hopper", scale=K ** -0.5, use_dht=True)
+    for kern in (states, output, dstates):
         for name, r in resource_report(kern).items():
             assert r["spill_stores"] == 0 and r["spill_loads"] == 0, (name, r)
             assert r["dyn_smem"] <= 227 * 1024, (name, r)
@@ -58,9 +59,10 @@ def test_split_kernels_build_without_spills_and_match_the_launcher(path, K, V, m
     run = CH._Launch(*x, prob=prob, cu=None, initial_state=torch.zeros(B, HV, K, V))
     calls = []
     run.split(lambda *a: calls.append(a), lambda *a: calls.append(a))
+    run.dstates(lambda *a: calls.append(a), torch.randn(B, T, HV, V).bfloat16(), torch.randn(B, HV, K, V))
     dims = {"TT": B * T, "N": B, "NCT": run.chunks.shape[0]}
     attr = {id(t): n for n, t in vars(run).items() if isinstance(t, torch.Tensor)}
-    for kern, args in zip((states, output), calls):
+    for kern, args in zip((states, output, dstates), calls):
         f = kern.prim_func
         params = [p for p in f.params if p in f.buffer_map]
         assert len(params) == len(args)
@@ -69,3 +71,45 @@ def test_split_kernels_build_without_spills_and_match_the_launcher(path, K, V, m
             assert attr[id(a)] == name, (name, attr[id(a)])
             shape = tuple(dims[str(d)] if not str(d).isdigit() else int(d) for d in buf.shape)
             assert tuple(a.shape) == shape and str(a.dtype).replace("torch.", "") == str(buf.dtype), name
+
+
+def _dstates_emulated(q, k, g, eta, do, dht, *, scale, eps=1e-6, C=64):
+    """float64 torch transcription of the recurrence :func:`kla_tl.kernels.chunk_split.build_chunk_dstates`
+    implements (normalized form, raw q/k with their row scalings, GVA), one dense sequence per batch row."""
+    B, T, H, K = q.shape
+    HV = g.shape[2]
+    dh0 = torch.zeros_like(dht)
+    for b in range(B):
+        for hv in range(HV):
+            hk, dS = hv // (HV // H), dht[b, hv].clone()
+            for c in reversed(range(-(-T // C))):
+                sl = slice(c * C, min(T, c * C + C))
+                kk, qq, dO = k[b, sl, hk], q[b, sl, hk], do[b, sl, hv]
+                rk = (kk.pow(2).sum(-1) + eps).rsqrt()
+                rq = (qq.pow(2).sum(-1) + 1e-6).rsqrt()
+                kh, qh = kk * rk[:, None], qq * rq[:, None]
+                gam, e = g[b, sl, hv].cumsum(0), eta[b, sl, hv]
+                gmat = torch.exp(gam[:, None] - gam[None, :])
+                L = torch.linalg.inv(torch.eye(len(gam), dtype=q.dtype) + torch.tril(e[:, None] * (kh @ kh.T) * gmat, -1))
+                W = L @ (e[:, None] * gam.exp()[:, None] * kh)
+                aqk = torch.tril(scale * (qh @ kh.T) * gmat)
+                dN = aqk.T @ dO + (rk * torch.exp(gam[-1] - gam))[:, None] * (kk @ dS)
+                dS = gam[-1].exp() * dS + qq.T @ ((scale * rq * gam.exp())[:, None] * dO) - W.T @ dN
+            dh0[b, hv] = dS
+    return dh0
+
+
+def test_dstates_recurrence_is_the_reference_backwards_initial_state_gradient():
+    """The formulas of the backward's state-gradient kernel (its docstring), transcribed in float64 torch, give the
+    hand-written reference backward's dh0 (tails, GVA, q normalization, mixed key norms)."""
+    from kla_tl.reference_bwd import chunk_kla_reference_bwd
+
+    B, T, H, HV, K, V = 2, 150, 2, 4, 16, 8
+    f = dict(dtype=torch.float64)
+    q, k = torch.randn(B, T, H, K, **f), torch.randn(B, T, H, K, **f) * 10 ** (3 * torch.rand(B, T, H, 1, **f) - 1.5)
+    v, do = torch.randn(B, T, HV, V, **f), torch.randn(B, T, HV, V, **f)
+    g, eta = -torch.rand(B, T, HV, **f), torch.rand(B, T, HV, **f)
+    h0, dht = torch.randn(B, HV, K, V, **f), torch.randn(B, HV, K, V, **f)
+    want = chunk_kla_reference_bwd(q, k, v, g, eta, do, dht=dht, normalize_q=True, initial_state=h0)["dh0"]
+    got = _dstates_emulated(q, k, g, eta, do, dht, scale=K ** -0.5)
+    assert ((got - want).norm() / want.norm()).item() < 1e-10

@@ -196,3 +196,138 @@ def build_chunk_output(*, H: int, HV: int, K: int, V: int, in_dtype: str, normal
                     o[0, t0 + i, hv, v0 + j] = vn_s[i, j]
 
     return tilelang.compile(chunk_output, target=json.loads(target), pass_configs=dict(pass_configs))
+
+
+@functools.lru_cache(maxsize=None)
+def build_chunk_dstates(*, H: int, HV: int, K: int, V: int, in_dtype: str, normalize_q: bool, scale: float,
+                        use_dht: bool, store_dh0: bool, block_v: int, threads: int, num_stages: int, target: str,
+                        pass_configs: tuple = ()):
+    """Compile the reverse state-gradient recurrence of the backward (no GPU needed; experimental, not used by
+    ``chunk_kla`` yet). ``target`` is a JSON target string.
+
+    Grid ``(ceil(V / block_v), N, HV)``, each CTA walks its sequence's chunks from the last to the first with
+    ``dS`` = the gradient at the state leaving the chunk (``dht`` or 0 at the sequence end), in the normalized form of
+    the forward (KLA.md section 4; chunk_scan's notation)::
+
+        dhs[c] = dS                                              gradient at the state leaving chunk c (input dtype)
+        dN     = Aqk^T dO + diag(e^{gamma_n - gamma} / r) K dS    -> dvn  (gradient of N = U - W S)
+        dS     = e^{gamma_n} dS + Q^T diag(scale e^gamma / |q|) dO - W^T dN
+        dh0    = dS at the sequence start (fp32, optional)
+
+    Inputs: the forward's q, k, w, aqk, gcum, rq, rk, ``do [1, TT, HV, V]``, ``dht [N, HV, K, V]`` fp32, and the
+    tables of :func:`build_chunk_states` (``seqs``, ``coff``). Rows past a sequence end are masked on load (do) or on
+    the result (dN), so the next sequence's rows in a chunk tile contribute nothing.
+    """
+    import json
+
+    G = HV // H
+    KP = -(-K // 64) * 64
+    acc = "float32"
+    st = in_dtype
+    TT = T.dynamic("TT")
+    N = T.dynamic("N")
+    NCT = T.dynamic("NCT")
+    NV = (V + block_v - 1) // block_v
+
+    @T.prim_func
+    def chunk_dstates(
+        q: T.Tensor([1, TT, H, K], in_dtype),
+        k: T.Tensor([1, TT, H, K], in_dtype),
+        w: T.Tensor([1, TT, HV, K], st),
+        aqk: T.Tensor([1, TT, HV, C], st),
+        gcum: T.Tensor([1, TT, HV], "float32"),
+        rq: T.Tensor([1, TT, H], "float32"),
+        rk: T.Tensor([1, TT, H], "float32"),
+        do: T.Tensor([1, TT, HV, V], in_dtype),
+        seqs: T.Tensor([N, 2], "int32"),
+        coff: T.Tensor([N], "int32"),
+        dht: T.Tensor([N, HV, K, V], "float32"),
+        dhs: T.Tensor([NCT, HV, K, V], st),
+        dvn: T.Tensor([1, TT, HV, V], st),
+        dh0: T.Tensor([N, HV, K, V], "float32"),
+    ):
+        with T.Kernel(NV, N, HV, threads=threads) as (iv, n, hv):
+            hk = hv // G
+            v0 = iv * block_v
+            bos = seqs[n, 0]
+            eos = seqs[n, 1]
+            c0 = coff[n]
+            nch = T.ceildiv(eos - bos, C)
+
+            q_s = T.alloc_shared((C, KP), in_dtype)
+            k_s = T.alloc_shared((C, KP), in_dtype)
+            w_s = T.alloc_shared((C, KP), st)
+            a_s = T.alloc_shared((C, C), st)
+            do_s = T.alloc_shared((C, block_v), in_dtype)
+            dos_s = T.alloc_shared((C, block_v), in_dtype)
+            dn_s = T.alloc_shared((C, block_v), st)
+            dh_s = T.alloc_shared((KP, block_v), st)
+            gam_s = T.alloc_shared((C,), acc)
+            rq_s = T.alloc_shared((C,), acc)
+            rk_s = T.alloc_shared((C,), acc)
+
+            dh_f = T.alloc_fragment((KP, block_v), acc)
+            dn_f = T.alloc_fragment((C, block_v), acc)
+
+            if use_dht:
+                for i, j in T.Parallel(KP, block_v):
+                    dh_f[i, j] = T.if_then_else(i < K and v0 + j < V, dht[n, hv, i, v0 + j], 0.0)
+            else:
+                T.clear(dh_f)
+
+            for cc in T.Pipelined(nch, num_stages=num_stages):
+                c = nch - 1 - cc
+                t0 = bos + c * C
+                if KP == K:
+                    T.copy(q[0, t0:t0 + C, hk, :], q_s)
+                    T.copy(k[0, t0:t0 + C, hk, :], k_s)
+                    T.copy(w[0, t0:t0 + C, hv, :], w_s)
+                else:
+                    for i, d in T.Parallel(C, KP):
+                        q_s[i, d] = T.if_then_else(t0 + i < eos and d < K, q[0, t0 + i, hk, d], T.cast(0, in_dtype))
+                        k_s[i, d] = T.if_then_else(t0 + i < eos and d < K, k[0, t0 + i, hk, d], T.cast(0, in_dtype))
+                        w_s[i, d] = T.if_then_else(t0 + i < eos and d < K, w[0, t0 + i, hv, d], T.cast(0, st))
+                T.copy(aqk[0, t0:t0 + C, hv, :], a_s)
+                for i, j in T.Parallel(C, block_v):
+                    do_s[i, j] = T.if_then_else(t0 + i < eos and v0 + j < V, do[0, t0 + i, hv, v0 + j],
+                                                T.cast(0, in_dtype))
+                T.copy(gcum[0, t0:t0 + C, hv], gam_s, disable_tma=True)
+                T.copy(rk[0, t0:t0 + C, hk], rk_s, disable_tma=True)
+                if normalize_q:
+                    T.copy(rq[0, t0:t0 + C, hk], rq_s, disable_tma=True)
+                nl = T.min(eos - t0, C) - 1
+
+                T.copy(dh_f, dh_s)
+                for i, j in T.Parallel(KP, block_v):        # the gradient at the state leaving this chunk
+                    if i < K and v0 + j < V:
+                        dhs[c0 + c, hv, i, v0 + j] = dh_s[i, j]
+                # dN = diag(e^{gamma_n - gamma} / r) K dS + Aqk^T dO   (rows past the end forced to 0)
+                T.gemm(k_s, dh_s, dn_f, clear_accum=True)
+                for i, j in T.Parallel(C, block_v):
+                    dn_f[i, j] = T.if_then_else(
+                        t0 + i < eos, dn_f[i, j] * (rk_s[i] * T.exp2((gam_s[nl] - gam_s[i]) * LOG2E)), 0.0)
+                T.gemm(a_s, do_s, dn_f, transpose_A=True)
+                for i, j in T.Parallel(C, block_v):
+                    dn_s[i, j] = T.if_then_else(t0 + i < eos, dn_f[i, j], 0.0)
+                    # the q row scaling applied to dO instead of Q: Q^T diag(scale e^gamma / |q|) dO
+                    if normalize_q:
+                        dos_s[i, j] = do_s[i, j] * (scale * rq_s[i] * T.exp2(gam_s[i] * LOG2E))
+                    else:
+                        dos_s[i, j] = do_s[i, j] * (scale * T.exp2(gam_s[i] * LOG2E))
+                for i, j in T.Parallel(C, block_v):
+                    if t0 + i < eos and v0 + j < V:
+                        dvn[0, t0 + i, hv, v0 + j] = dn_s[i, j]
+                # dS = e^{gamma_n} dS + Q^T (scaled dO) - W^T dN
+                for i, j in T.Parallel(KP, block_v):
+                    dh_f[i, j] = dh_f[i, j] * T.exp2(gam_s[nl] * LOG2E)
+                T.gemm(q_s, dos_s, dh_f, transpose_A=True)
+                for i, j in T.Parallel(C, block_v):
+                    dn_s[i, j] = -dn_s[i, j]
+                T.gemm(w_s, dn_s, dh_f, transpose_A=True)
+
+            if store_dh0:
+                for i, j in T.Parallel(KP, block_v):
+                    if i < K and v0 + j < V:
+                        dh0[n, hv, i, v0 + j] = dh_f[i, j]
+
+    return tilelang.compile(chunk_dstates, target=json.loads(target), pass_configs=dict(pass_configs))
