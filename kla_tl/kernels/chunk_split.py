@@ -35,6 +35,22 @@ from ._tl import LOG2E
 C = 64
 
 
+def _row_tile_loader(K: int, KP: int):
+    """Macro ``load(src, t0, eos, head, dst)``: rows ``[t0, t0 + C)`` of ``src[0, :, head, :]`` into the ``[C, KP]``
+    tile ``dst``; with K padded to KP the rows past ``eos`` and the pad columns are zeros (masked loads), else one
+    bulk copy (rows past the sequence end then hold the next sequence's rows: every use masks them)."""
+
+    @T.macro
+    def load(src, t0, eos, head, dst):
+        if KP == K:
+            T.copy(src[0, t0:t0 + C, head, :], dst)
+        else:
+            for i, d in T.Parallel(C, KP):
+                dst[i, d] = T.if_then_else(t0 + i < eos and d < K, src[0, t0 + i, head, d], T.cast(0, dst.dtype))
+
+    return load
+
+
 @functools.lru_cache(maxsize=None)
 def build_chunk_states(*, H: int, HV: int, K: int, V: int, in_dtype: str, use_h0: bool, store_ht: bool,
                        block_v: int, threads: int, num_stages: int, target: str, pass_configs: tuple = ()):
@@ -49,6 +65,7 @@ def build_chunk_states(*, H: int, HV: int, K: int, V: int, in_dtype: str, use_h0
     N = T.dynamic("N")
     NCT = T.dynamic("NCT")
     NV = (V + block_v - 1) // block_v
+    load = _row_tile_loader(K, KP)
 
     @T.prim_func
     def chunk_states(
@@ -91,13 +108,8 @@ def build_chunk_states(*, H: int, HV: int, K: int, V: int, in_dtype: str, use_h0
 
             for c in T.Pipelined(T.ceildiv(eos - bos, C), num_stages=num_stages):
                 t0 = bos + c * C
-                if KP == K:
-                    T.copy(k[0, t0:t0 + C, hk, :], k_s)
-                    T.copy(w[0, t0:t0 + C, hv, :], w_s)
-                else:
-                    for i, d in T.Parallel(C, KP):
-                        k_s[i, d] = T.if_then_else(t0 + i < eos and d < K, k[0, t0 + i, hk, d], T.cast(0, in_dtype))
-                        w_s[i, d] = T.if_then_else(t0 + i < eos and d < K, w[0, t0 + i, hv, d], T.cast(0, st))
+                load(k, t0, eos, hk, k_s)
+                load(w, t0, eos, hv, w_s)
                 T.copy(u[0, t0:t0 + C, hv, v0:v0 + block_v], u_s)
                 T.copy(gcum[0, t0:t0 + C, hv], gam_s, disable_tma=True)
                 T.copy(rk[0, t0:t0 + C, hk], rk_s, disable_tma=True)
@@ -228,6 +240,7 @@ def build_chunk_dstates(*, H: int, HV: int, K: int, V: int, in_dtype: str, norma
     N = T.dynamic("N")
     NCT = T.dynamic("NCT")
     NV = (V + block_v - 1) // block_v
+    load = _row_tile_loader(K, KP)
 
     @T.prim_func
     def chunk_dstates(
@@ -278,15 +291,9 @@ def build_chunk_dstates(*, H: int, HV: int, K: int, V: int, in_dtype: str, norma
             for cc in T.Pipelined(nch, num_stages=num_stages):
                 c = nch - 1 - cc
                 t0 = bos + c * C
-                if KP == K:
-                    T.copy(q[0, t0:t0 + C, hk, :], q_s)
-                    T.copy(k[0, t0:t0 + C, hk, :], k_s)
-                    T.copy(w[0, t0:t0 + C, hv, :], w_s)
-                else:
-                    for i, d in T.Parallel(C, KP):
-                        q_s[i, d] = T.if_then_else(t0 + i < eos and d < K, q[0, t0 + i, hk, d], T.cast(0, in_dtype))
-                        k_s[i, d] = T.if_then_else(t0 + i < eos and d < K, k[0, t0 + i, hk, d], T.cast(0, in_dtype))
-                        w_s[i, d] = T.if_then_else(t0 + i < eos and d < K, w[0, t0 + i, hv, d], T.cast(0, st))
+                load(q, t0, eos, hk, q_s)
+                load(k, t0, eos, hk, k_s)
+                load(w, t0, eos, hv, w_s)
                 T.copy(aqk[0, t0:t0 + C, hv, :], a_s)
                 for i, j in T.Parallel(C, block_v):
                     do_s[i, j] = T.if_then_else(t0 + i < eos and v0 + j < V, do[0, t0 + i, hv, v0 + j],
