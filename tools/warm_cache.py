@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from kla_tl.chunk import build_kernels, build_split_kernels
+from kla_tl.chunk import build_dstates_kernel, build_kernels, build_split_kernels
 from kla_tl.conventions import Problem
 
 #: (B, T, H, HV, K, V, dtype, normalize_q, use_h0, N): the problems of tests/test_chunk_fwd_gpu.py and of the
@@ -28,6 +28,13 @@ CASES = [
     (1, 2000, 16, 32, 128, 128, torch.bfloat16, True, True, 6),
     (1, 32768, 4, 4, 128, 128, torch.bfloat16, True, True, 1),
     (2, 1000, 4, 8, 128, 128, torch.bfloat16, True, True, 2),
+    # the split-variant state tests (varlen, 3 sequences) and the KLAttention layer tests (MQAR and GVA dims)
+    (1, 330, 2, 4, 128, 128, torch.bfloat16, True, True, 3),
+    (1, 330, 2, 4, 96, 192, torch.bfloat16, True, True, 3),
+    (2, 200, 4, 4, 48, 96, torch.bfloat16, True, False, 2),
+    (2, 200, 4, 4, 48, 96, torch.bfloat16, True, True, 2),
+    (2, 200, 2, 4, 96, 192, torch.bfloat16, True, False, 2),
+    (2, 200, 2, 4, 96, 192, torch.bfloat16, True, True, 2),
     # benchmark shapes
     (8, 4096, 16, 16, 128, 128, torch.bfloat16, True, False, 8),
     (2, 16384, 16, 16, 128, 128, torch.bfloat16, True, False, 2),
@@ -62,7 +69,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--suite", help="also build the chunk problems of this kla-tl bench suite (quick, full)")
     ap.add_argument("--split", action="store_true",
-                    help="also build the split second stage (KLA_TL_FWD=split) of every problem")
+                    help="also build the split second stage (KLA_TL_FWD=split) and the backward's state-gradient "
+                         "kernel of every problem")
     args = ap.parse_args()
     cases = CASES + (suite_cases(args.suite) if args.suite else [])
     t_all = time.time()
@@ -75,6 +83,7 @@ def main() -> int:
                 build_kernels(prob, arch, on_hopper, scale=K ** -0.5, eps=1e-6, use_h0=h0)
                 if args.split:
                     build_split_kernels(prob, arch, on_hopper, scale=K ** -0.5, use_h0=h0)
+                    build_dstates_kernel(prob, arch, on_hopper, scale=K ** -0.5, use_dht=True)
             except Exception as e:  # report and go on: one failing build must not hide the others
                 print(f"FAILED {arch} K={K} V={V}: {type(e).__name__}: {str(e).splitlines()[-1][:200]}")
                 continue
