@@ -35,6 +35,8 @@ CASES = [
     (2, 200, 4, 4, 48, 96, torch.bfloat16, True, True, 2),
     (2, 200, 2, 4, 96, 192, torch.bfloat16, True, False, 2),
     (2, 200, 2, 4, 96, 192, torch.bfloat16, True, True, 2),
+    # examples/mqar.py (batch 32: the scan's "many" tiles class)
+    (32, 256, 4, 4, 48, 96, torch.bfloat16, True, False, 32),
     # benchmark shapes
     (8, 4096, 16, 16, 128, 128, torch.bfloat16, True, False, 8),
     (2, 16384, 16, 16, 128, 128, torch.bfloat16, True, False, 2),
