@@ -287,7 +287,7 @@ def chunk_bench_cases(stage: str, key: dict) -> list:
     def run(built, x):
         x["built"] = built
         getattr(x["run"], stage)(built)
-        return x["run"].o
+        return x["run"].o if stage == "scan" else x["run"].u     # the stage's own output (prepare: u)
 
     def check(x, _out):
         r = x["run"]
