@@ -27,6 +27,12 @@ ARCH_ENV = "KLA_TL_ARCH"
 FWD_ENV = "KLA_TL_FWD"
 FWD_CHOICES = ("fused", "split")
 
+#: Largest head dims of float32 inputs on the experimental split kernels: float32 tiles (FMA products, not tf32
+#: tensor cores, :func:`kla_tl.kernels._tl.gemm_for`) take twice the bytes of bf16 ones, and only the fused kernels
+#: have the lean float32 layouts for wide heads (``lean_prepare``, ``lean_scan``). K is padded to a multiple of 64.
+SPLIT_FP32_MAX_K = 128
+SPLIT_FP32_MAX_V = 192
+
 _TABLES: dict = {}
 
 
@@ -37,9 +43,11 @@ def chunk_refusal(prob: Problem, device: torch.device, *, needs_grad: bool) -> O
         return reason
     if prob.dtype == torch.float16:
         return "float16 inputs (the chunk kernels are built for bfloat16)"
-    if prob.dtype == torch.float32:
-        return ("float32 inputs: the chunk kernels' tensor-core GEMMs round operands to tf32 (1.2e-3 relative error "
-                "measured on an H100, above the 1e-3 float32 tolerance); pass bfloat16 for the kernels")
+    if (prob.dtype == torch.float32 and forward_variant() == "split"
+            and (-(-prob.K // 64) * 64 > SPLIT_FP32_MAX_K or prob.V > SPLIT_FP32_MAX_V)):
+        return (f"float32 inputs with K={prob.K}, V={prob.V} and {FWD_ENV}=split: the split kernels' float32 tiles "
+                f"need K <= {SPLIT_FP32_MAX_K} and V <= {SPLIT_FP32_MAX_V} to fit in shared memory; unset {FWD_ENV} "
+                f"or pass bfloat16 for the kernels")
     return None
 
 
@@ -176,9 +184,11 @@ def forward_variant() -> str:
 
 
 def split_schedule(arch: str, key: dict) -> dict:
-    """Untuned schedule of the split kernels: 64 state columns per CTA (32 with few tiles), 256 threads for K > 128,
-    one stage, no warp specialization."""
-    return {"block_v": 32 if key.get("tiles") == "few" else 64, "threads": 256 if key["K"] > 128 else 128}
+    """Untuned schedule of the split kernels: 64 state columns per CTA (32 with few tiles or float32), 256 threads
+    for K > 128 or float32, one stage, no warp specialization."""
+    exact = key.get("dtype") == "float32"     # FMA products: half the columns per CTA (shared memory), 256 threads
+    return {"block_v": 32 if key.get("tiles") == "few" or exact else 64,
+            "threads": 256 if key["K"] > 128 or exact else 128}
 
 
 def build_split_kernels(prob: Problem, arch: str, on_hopper: bool, *, scale: float, use_h0: bool):

@@ -44,6 +44,36 @@ def test_scan_default_follows_the_tiles_class():
             assert CF.scan_valid(arch, key, CF.scan_default(arch, key))
 
 
+def test_float32_takes_the_fma_schedule_and_lean_layouts_for_wide_heads(monkeypatch):
+    """float32 runs exact FMA products: no warp specialization (nothing for TMA/wgmma to overlap), 32 state columns
+    and 256 threads per CTA (twice the tile bytes); wide float32 heads take the lean layouts in the fused kernels,
+    and the split variant, which has none, refuses them with the reason."""
+    from kla_tl import chunk as CH, dispatch
+    from kla_tl.kernels._tl import lean_prepare, lean_scan
+
+    fp32 = dict(problem_key(_prob(2, 16), use_h0=False, store_ht=True), dtype="float32")
+    for arch in ("sm_90a", "sm_80"):
+        sch = CF.scan_default(arch, fp32)
+        assert sch == {"block_v": 32, "threads": 256, "num_stages": 1, "warp_specialize": False}
+        assert not CF.scan_valid(arch, fp32, dict(sch, warp_specialize=True, num_stages=2))
+    assert lean_prepare("float32", 256, 256) and lean_prepare("float32", 128, 256) and lean_scan("float32", 256)
+    assert not lean_prepare("float32", 96, 192) and not lean_scan("float32", 128) and not lean_scan("float32", 96)
+    assert not lean_prepare("bfloat16", 256, 256) and not lean_scan("bfloat16", 256)
+    monkeypatch.setattr(dispatch, "common_refusal", lambda prob, device: None)   # the float32 clause alone
+    dev = torch.device("cuda")
+    ok = dict(B=2, T=64, H=2, HV=2, N=2, dtype=torch.float32, is_varlen=False, use_h0=False, normalize_q=True)
+    for variant in ("fused", "split"):
+        monkeypatch.setenv(CH.FWD_ENV, variant)
+        for K, V in ((128, 128), (96, 192), (64, 64), (48, 96)):
+            assert CH.chunk_refusal(Problem(K=K, V=V, **ok), dev, needs_grad=False) is None
+        for K, V in ((256, 256), (256, 128), (128, 256)):
+            why = CH.chunk_refusal(Problem(K=K, V=V, **ok), dev, needs_grad=False)
+            if variant == "fused":
+                assert why is None
+            else:
+                assert why is not None and f"K={K}, V={V}" in why and CH.FWD_ENV in why
+
+
 def test_both_stages_have_bench_hooks_with_representative_shapes():
     assert CF.PREPARE.bench is not None and CF.SCAN.bench is not None
     assert set(BENCH_SHAPES) == {"many", "few"}

@@ -35,6 +35,20 @@ CASES = [
     (2, 200, 4, 4, 48, 96, torch.bfloat16, True, True, 2),
     (2, 200, 2, 4, 96, 192, torch.bfloat16, True, False, 2),
     (2, 200, 2, 4, 96, 192, torch.bfloat16, True, True, 2),
+    # float32 inputs (exact-fp32 FMA products): the GPU grid's float32 problems, and a float32 benchmark
+    (2, 100, 4, 4, 128, 128, torch.float32, True, True, 2),
+    (2, 200, 4, 4, 128, 128, torch.float32, False, False, 2),
+    (2, 130, 2, 2, 64, 64, torch.float32, True, True, 2),
+    (2, 130, 2, 2, 96, 192, torch.float32, True, True, 2),
+    (2, 130, 2, 2, 48, 96, torch.float32, True, True, 2),
+    (2, 130, 2, 2, 256, 256, torch.float32, True, True, 2),
+    (2, 130, 2, 2, 128, 256, torch.float32, True, True, 2),
+    (1, 2000, 16, 32, 128, 128, torch.float32, True, True, 6),
+    (1, 32768, 4, 4, 128, 128, torch.float32, True, True, 1),
+    (8, 4096, 16, 16, 128, 128, torch.float32, True, False, 8),
+    (2, 256, 16, 16, 128, 128, torch.float32, True, False, 2),
+    (8, 4096, 12, 12, 96, 192, torch.float32, True, False, 8),
+    (2, 256, 12, 12, 96, 192, torch.float32, True, False, 2),
     # examples/mqar.py (batch 32: the scan's "many" tiles class)
     (32, 256, 4, 4, 48, 96, torch.bfloat16, True, False, 32),
     # benchmark shapes

@@ -28,3 +28,47 @@ def tl_dtype(dtype: torch.dtype) -> str:
 def storage_dtype(in_dtype: str) -> str:
     """Dtype of the intermediates (w, u, Aqk) and GEMM operands: the input dtype (fp32 stays fp32)."""
     return in_dtype
+
+
+def gemm_for(in_dtype: str):
+    """``gemm(A, B, C, transpose_A=False, transpose_B=False, clear_accum=False)`` for kernels whose GEMM operands are
+    ``in_dtype``: ``T.gemm`` (tensor cores) for 16-bit operands; for float32 operands an exact-fp32 FMA product
+    instead, because tensor cores round float32 operands to tf32 (10-bit mantissa): the chunk forward with tf32
+    GEMMs was 1.2e-3 off the float64 reference on an H100, above the 1e-3 float32 tolerance.
+
+    The FMA product: a rank-1 update of the fragment ``C`` per step of the reduction axis (each thread updates its
+    own elements), reading ``A`` and ``B`` from shared memory. With ``transpose_B`` the threads of a warp read rows of ``B`` 4*K
+    bytes apart (one bank): the reduction index is rotated by the output column, which spreads them over the banks.
+    Slower than tensor cores; it exists so that float32 callers get float32 accuracy from a kernel."""
+    import tilelang.language as T
+
+    exact = in_dtype == "float32"
+
+    @T.macro
+    def gemm(A, B, Cf, transpose_A: bool = False, transpose_B: bool = False, clear_accum: bool = False):
+        if exact:
+            red = A.shape[0] if transpose_A else A.shape[1]
+            if clear_accum:
+                T.clear(Cf)
+            for r in T.serial(red):
+                for i, j in T.Parallel(Cf.shape[0], Cf.shape[1]):
+                    if transpose_B:
+                        Cf[i, j] += (A[(r + j) % red, i] if transpose_A else A[i, (r + j) % red]) * B[j, (r + j) % red]
+                    else:
+                        Cf[i, j] += (A[r, i] if transpose_A else A[i, r]) * B[r, j]
+        else:
+            T.gemm(A, B, Cf, transpose_A=transpose_A, transpose_B=transpose_B, clear_accum=clear_accum)
+
+    return gemm
+
+
+def lean_prepare(in_dtype: str, K: int, V: int) -> bool:
+    """Whether chunk_prepare drops its Y and X tiles (float32 with K > 128 or V > 192): the float32 tiles of the
+    plain layout would exceed shared memory (K = V = 256: 279 KB; the limit is 227 KB on sm_90, 163 KB on sm_80)."""
+    return in_dtype == "float32" and (-(-K // 64) * 64 > 128 or V > 192)
+
+
+def lean_scan(in_dtype: str, K: int) -> bool:
+    """Whether the state scans read q, k and w straight from global memory inside their FMA products instead of
+    staging [64, K] tiles in shared memory (float32 with K > 128: three float32 [64, 256] tiles are 192 KB)."""
+    return in_dtype == "float32" and -(-K // 64) * 64 > 128

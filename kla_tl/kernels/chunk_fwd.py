@@ -51,6 +51,13 @@ def _padded(key) -> bool:
     return key["K"] % 64 != 0
 
 
+def _exact(key) -> bool:
+    """float32 operands: the kernels multiply with exact-fp32 FMA products, not tensor cores
+    (:func:`kla_tl.kernels._tl.gemm_for`), so there is no TMA/wgmma pipeline to specialize warps for, and the
+    float32 tiles take twice the shared memory of bf16 ones."""
+    return key["dtype"] == "float32"
+
+
 def tiles_class(n_seq: int, HV: int, V: int) -> str:
     """"many" when the (sequence, value head, 64-column) tiles of a problem fill the GPU (at least ``_SM_GUESS``),
     else "few": the scan's schedule bucket dimension (:func:`scan_bucket`)."""
@@ -61,18 +68,19 @@ def scan_default(arch: str, key: dict) -> dict:
     """Untuned default, from the H100 sweep of (block_v, threads, num_stages, warp_specialize) at K = V = 128:
     with enough (sequence, head, 64-column) tiles to fill the GPU, block_v 64 without warp specialization was
     fastest (0.33 ms at B=8, T=4096, H=16); with few tiles (B=2, T=16384, H=16), block_v 32 with two warp-specialized
-    stages (0.59 ms). K > 128 takes 256 threads and one stage (shared memory); padded K turns specialization off.
+    stages (0.59 ms). K > 128 takes 256 threads and one stage (shared memory); padded K turns specialization off;
+    float32 (FMA products, twice the tile bytes) takes block_v 32 without specialization.
     ``key["tiles"]`` (:func:`tiles_class`; "many" when absent) says which case applies."""
     many = key.get("tiles", "many") == "many"
-    ws = arch == "sm_90a" and not _padded(key) and not many and key["K"] <= 128
-    return {"block_v": 64 if many else 32, "threads": 256 if key["K"] > 128 else 128,
+    ws = arch == "sm_90a" and not _padded(key) and not many and key["K"] <= 128 and not _exact(key)
+    return {"block_v": 64 if many and not _exact(key) else 32, "threads": 256 if key["K"] > 128 or _exact(key) else 128,
             "num_stages": 2 if ws else 1, "warp_specialize": ws}
 
 
 def scan_valid(arch: str, key: dict, sch: dict) -> bool:
     if arch == "sm_80" and (sch["num_stages"] != 1 or sch["warp_specialize"]):
         return False
-    if sch["warp_specialize"] and _padded(key):
+    if sch["warp_specialize"] and (_padded(key) or _exact(key)):
         return False
     if not sch["warp_specialize"] and sch["num_stages"] != 1:
         return False      # cp.async pipelining with a runtime trip count breaks TileLang 0.1.15 codegen
@@ -123,8 +131,9 @@ def _key(H, HV, K, V, dtype="bfloat16", normalize_q=True, use_h0=False, store_ht
             "store_ht": store_ht, "tiles": tiles}
 
 
-#: Shapes `kla-tl compile` builds: the benchmark head dims and the published model's.
-EXAMPLE_KEYS = [_key(16, 16, 128, 128), _key(12, 12, 96, 192), _key(16, 32, 64, 64), _key(8, 8, 256, 256)]
+#: Shapes `kla-tl compile` builds: the benchmark head dims and the published model's, and float32 (exact FMA path).
+EXAMPLE_KEYS = [_key(16, 16, 128, 128), _key(12, 12, 96, 192), _key(16, 32, 64, 64), _key(8, 8, 256, 256),
+                _key(16, 16, 128, 128, dtype="float32")]
 #: The scan's also in the few-tiles bucket at K = V = 128 (few long sequences, e.g. B = 2, T = 16384, H = 16).
 SCAN_EXAMPLE_KEYS = EXAMPLE_KEYS + [_key(16, 16, 128, 128, tiles="few")]
 

@@ -17,7 +17,9 @@ Per chunk of C = 64 tokens and value head ``hv`` (q/k head ``hk = hv // (HV // H
 Every operand stays O(1): beta = eta / r^2 is never formed (the gain 1/r sits in u, in fp32 until the GEMM).
 Inputs are packed (B = 1, TT tokens); ``chunks[c] = (first token, end of its sequence)`` drives the grid
 ``(NC, HV)``, so empty and short sequences, tails and dense batches share one kernel. Rows past a sequence end are
-loaded as zeros and never stored. Schedule knob: ``threads``.
+loaded as zeros and never stored. float32 inputs multiply with exact-fp32 FMA products instead of tensor cores
+(:func:`kla_tl.kernels._tl.gemm_for`); with K > 128 or V > 192 they skip the Y and X tiles
+(:func:`kla_tl.kernels._tl.lean_prepare`). Schedule knob: ``threads``.
 """
 
 
@@ -26,7 +28,7 @@ import functools
 import tilelang
 import tilelang.language as T
 
-from ._tl import G_FLOOR, LOG2E
+from ._tl import G_FLOOR, LOG2E, gemm_for, lean_prepare
 
 #: Chunk length (fixed: the solve and the tiles are built for 64 rows).
 C = 64
@@ -39,9 +41,13 @@ def build_chunk_prepare(*, H: int, HV: int, K: int, V: int, in_dtype: str, norma
     import json
 
     G = HV // H
+    gemm = gemm_for(in_dtype)
     KP = -(-K // 64) * 64          # K padded to the wgmma/mma tile (K = 48, 96 -> 64, 128); pad columns are zeros
     acc = "float32"
     st = in_dtype
+    # float32 with wide heads: no Y, X tiles (their row scalings go into copies of L, V is read from global memory by
+    # the FMA product), so that the float32 tiles fit in shared memory (lean_prepare)
+    lean = lean_prepare(in_dtype, K, V)
     TT = T.dynamic("TT")
     NC = T.dynamic("NC")
 
@@ -66,9 +72,9 @@ def build_chunk_prepare(*, H: int, HV: int, K: int, V: int, in_dtype: str, norma
             eos = chunks[ic, 1]
 
             k_s = T.alloc_shared((C, KP), st)          # raw k, then k^
-            y_s = T.alloc_shared((C, KP), st)          # diag(eta e^gamma) K^
+            y_s = T.alloc_shared((1, 1) if lean else (C, KP), st)     # diag(eta e^gamma) K^
             qh_s = T.alloc_shared((C, KP), st)         # q^
-            x_s = T.alloc_shared((C, V), st)           # diag(eta / r) V
+            x_s = T.alloc_shared((1, 1) if lean else (C, V), st)      # diag(eta / r) V
             lb_s = T.alloc_shared((C, C), st)          # L in the GEMM dtype
             a_s = T.alloc_shared((C, C), acc)          # A (fp32)
             g_s = T.alloc_shared((C,), acc)
@@ -118,14 +124,15 @@ def build_chunk_prepare(*, H: int, HV: int, K: int, V: int, in_dtype: str, norma
             for i, d in T.Parallel(C, KP):
                 kf[i, d] = kf[i, d] * rinv_s[i]
             T.copy(kf, k_s)
-            for i, d in T.Parallel(C, KP):
-                y_s[i, d] = eta_s[i] * T.exp2(gam_s[i] * LOG2E) * kf[i, d]
+            if not lean:
+                for i, d in T.Parallel(C, KP):
+                    y_s[i, d] = eta_s[i] * T.exp2(gam_s[i] * LOG2E) * kf[i, d]
 
-            # X = diag(eta / r) V   (the KLA gain 1/r applied in fp32)
-            for i, d in T.Parallel(C, V):
-                vf[i, d] = T.if_then_else(t0 + i < eos, v[0, t0 + i, hv, d], T.cast(0, in_dtype))
-            for i, d in T.Parallel(C, V):
-                x_s[i, d] = eta_s[i] * rinv_s[i] * vf[i, d]
+                # X = diag(eta / r) V   (the KLA gain 1/r applied in fp32)
+                for i, d in T.Parallel(C, V):
+                    vf[i, d] = T.if_then_else(t0 + i < eos, v[0, t0 + i, hv, d], T.cast(0, in_dtype))
+                for i, d in T.Parallel(C, V):
+                    x_s[i, d] = eta_s[i] * rinv_s[i] * vf[i, d]
 
             # q^ = q / |q| (optional)
             for i, d in T.Parallel(C, KP):
@@ -144,7 +151,7 @@ def build_chunk_prepare(*, H: int, HV: int, K: int, V: int, in_dtype: str, norma
                 T.copy(qf, qh_s)
 
             # A = StrictLower(diag(eta) K^ K^^T * Gam)
-            T.gemm(k_s, k_s, gram, transpose_B=True, clear_accum=True)
+            gemm(k_s, k_s, gram, transpose_B=True, clear_accum=True)
             for i, j in T.Parallel(C, C):
                 a_s[i, j] = T.if_then_else(
                     i > j, eta_s[i] * gram[i, j] * T.exp2((gam_s[i] - gam_s[j]) * LOG2E), 0.0)
@@ -152,7 +159,7 @@ def build_chunk_prepare(*, H: int, HV: int, K: int, V: int, in_dtype: str, norma
             # Aqk = scale (q^ K^^T) * Gam, lower triangle including the diagonal. Every output goes fragment ->
             # shared -> global, so the global stores are row-contiguous 16-byte vectors (storing straight from the
             # MMA fragment layout cost more than all the rest of this kernel on an H100).
-            T.gemm(qh_s, k_s, s_f, transpose_B=True, clear_accum=True)
+            gemm(qh_s, k_s, s_f, transpose_B=True, clear_accum=True)
             for i, j in T.Parallel(C, C):
                 lb_s[i, j] = T.if_then_else(i >= j, scale * s_f[i, j] * T.exp2((gam_s[i] - gam_s[j]) * LOG2E), 0.0)
             for i, j in T.Parallel(C, C):
@@ -176,16 +183,35 @@ def build_chunk_prepare(*, H: int, HV: int, K: int, V: int, in_dtype: str, norma
                 for i in T.unroll(C):
                     lb_s[i, tx] = lcol[i]
 
-            # W = L Y,  U = L X  (staged through the now free Y, X tiles)
-            T.gemm(lb_s, y_s, w_f, clear_accum=True)
-            T.copy(w_f, y_s)
-            for i, d in T.Parallel(C, KP):
-                if t0 + i < eos and d < K:
-                    w[0, t0 + i, hv, d] = y_s[i, d]
-            T.gemm(lb_s, x_s, u_f, clear_accum=True)
-            T.copy(u_f, x_s)
-            for i, d in T.Parallel(C, V):
-                if t0 + i < eos:
-                    u[0, t0 + i, hv, d] = x_s[i, d]
+            if not lean:
+                # W = L Y,  U = L X  (staged through the now free Y, X tiles)
+                gemm(lb_s, y_s, w_f, clear_accum=True)
+                T.copy(w_f, y_s)
+                for i, d in T.Parallel(C, KP):
+                    if t0 + i < eos and d < K:
+                        w[0, t0 + i, hv, d] = y_s[i, d]
+                gemm(lb_s, x_s, u_f, clear_accum=True)
+                T.copy(u_f, x_s)
+                for i, d in T.Parallel(C, V):
+                    if t0 + i < eos:
+                        u[0, t0 + i, hv, d] = x_s[i, d]
+            else:
+                # W = (L diag(eta e^gamma)) K^,  U = (L diag(eta / r)) V  with V read from global memory (rows past
+                # the sequence end as zeros); the FMA fragments are row-major, so they store coalesced directly
+                for i, j in T.Parallel(C, C):
+                    a_s[i, j] = lb_s[i, j] * (eta_s[j] * rinv_s[j])
+                for i, j in T.Parallel(C, C):
+                    lb_s[i, j] = lb_s[i, j] * (eta_s[j] * T.exp2(gam_s[j] * LOG2E))
+                gemm(lb_s, k_s, w_f, clear_accum=True)
+                for i, d in T.Parallel(C, KP):
+                    if t0 + i < eos and d < K:
+                        w[0, t0 + i, hv, d] = w_f[i, d]
+                T.clear(u_f)
+                for j in T.serial(C):
+                    for i, d in T.Parallel(C, V):
+                        u_f[i, d] += a_s[i, j] * T.if_then_else(t0 + j < eos, v[0, t0 + j, hv, d], T.cast(0, in_dtype))
+                for i, d in T.Parallel(C, V):
+                    if t0 + i < eos:
+                        u[0, t0 + i, hv, d] = u_f[i, d]
 
     return tilelang.compile(chunk_prepare, target=json.loads(target), pass_configs=dict(pass_configs))

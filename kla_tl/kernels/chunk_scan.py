@@ -12,7 +12,9 @@ state for value head ``hv`` (columns of S evolve independently) and walks the se
 The raw bf16 q and k tiles are the GEMM operands: the row scalings of q^ (1/|q|, e^gamma, scale) and of K^
 (1/r, e^{gamma_n - gamma}) are applied to the GEMM output (Q S) and to N instead, from ``rq``, ``rk`` (per q/k head)
 and ``gcum`` written by the preparation kernel. The state is read from ``h0`` (optional) and written to ``ht`` (optional),
-fp32 ``[N, HV, K, V]``. Schedule knobs: ``block_v``, ``threads``, ``num_stages`` (software pipelining of the chunk
+fp32 ``[N, HV, K, V]``. float32 inputs multiply with exact-fp32 FMA products instead of tensor cores
+(:func:`kla_tl.kernels._tl.gemm_for`), reading q, k and w straight from global memory when K > 128
+(:func:`kla_tl.kernels._tl.lean_scan`). Schedule knobs: ``block_v``, ``threads``, ``num_stages`` (software pipelining of the chunk
 loads; the Ampere cp.async path must use 1 with a runtime trip count, TILELANG.md section 7).
 """
 
@@ -21,7 +23,7 @@ import functools
 import tilelang
 import tilelang.language as T
 
-from ._tl import LOG2E
+from ._tl import LOG2E, gemm_for, lean_scan
 
 C = 64
 
@@ -34,9 +36,12 @@ def build_chunk_scan(*, H: int, HV: int, K: int, V: int, in_dtype: str, normaliz
     import json
 
     G = HV // H
+    gemm = gemm_for(in_dtype)
     KP = -(-K // 64) * 64          # K padded to the wgmma/mma tile; pad columns of q, k, w (and rows of S) are zeros
     acc = "float32"
     st = in_dtype
+    # float32 with K > 128: q, k, w are read from global memory inside the FMA products (no [64, K] tiles)
+    lean = lean_scan(in_dtype, K)
     TT = T.dynamic("TT")
     N = T.dynamic("N")
     NV = (V + block_v - 1) // block_v
@@ -62,9 +67,9 @@ def build_chunk_scan(*, H: int, HV: int, K: int, V: int, in_dtype: str, normaliz
             bos = seqs[n, 0]
             eos = seqs[n, 1]
 
-            q_s = T.alloc_shared((C, KP), in_dtype)
-            k_s = T.alloc_shared((C, KP), in_dtype)
-            w_s = T.alloc_shared((C, KP), st)
+            q_s = T.alloc_shared((1, 1) if lean else (C, KP), in_dtype)
+            k_s = T.alloc_shared((1, 1) if lean else (C, KP), in_dtype)
+            w_s = T.alloc_shared((1, 1) if lean else (C, KP), st)
             u_s = T.alloc_shared((C, block_v), st)
             a_s = T.alloc_shared((C, C), st)
             vn_s = T.alloc_shared((C, block_v), st)
@@ -86,7 +91,9 @@ def build_chunk_scan(*, H: int, HV: int, K: int, V: int, in_dtype: str, normaliz
 
             for c in T.Pipelined(T.ceildiv(eos - bos, C), num_stages=num_stages):
                 t0 = bos + c * C
-                if KP == K:
+                if lean:
+                    pass
+                elif KP == K:
                     T.copy(q[0, t0:t0 + C, hk, :], q_s)
                     T.copy(k[0, t0:t0 + C, hk, :], k_s)
                     T.copy(w[0, t0:t0 + C, hv, :], w_s)
@@ -106,7 +113,13 @@ def build_chunk_scan(*, H: int, HV: int, K: int, V: int, in_dtype: str, normaliz
 
                 T.copy(h_f, h_s)
                 # N = U - W S  (rows past the sequence end forced to 0)
-                T.gemm(w_s, h_s, wh_f, clear_accum=True)
+                if lean:
+                    T.clear(wh_f)
+                    for r in T.serial(KP):
+                        for i, j in T.Parallel(C, block_v):
+                            wh_f[i, j] += T.if_then_else(t0 + i < eos and r < K, w[0, t0 + i, hv, r], T.cast(0, st)) * h_s[r, j]
+                else:
+                    gemm(w_s, h_s, wh_f, clear_accum=True)
                 for i, j in T.Parallel(C, block_v):
                     wh_f[i, j] = T.if_then_else(t0 + i < eos, u_s[i, j] - wh_f[i, j], 0.0)
                 for i, j in T.Parallel(C, block_v):
@@ -117,13 +130,19 @@ def build_chunk_scan(*, H: int, HV: int, K: int, V: int, in_dtype: str, normaliz
                     vd_s[i, j] = T.if_then_else(
                         t0 + i < eos, wh_f[i, j] * (rk_s[i] * T.exp2((gam_s[nl] - gam_s[i]) * LOG2E)), 0.0)
                 # O = diag(scale e^gamma / |q|) (Q S) + Aqk N
-                T.gemm(q_s, h_s, o_f, clear_accum=True)
+                if lean:
+                    T.clear(o_f)
+                    for r in T.serial(KP):
+                        for i, j in T.Parallel(C, block_v):
+                            o_f[i, j] += T.if_then_else(t0 + i < eos and r < K, q[0, t0 + i, hk, r], T.cast(0, in_dtype)) * h_s[r, j]
+                else:
+                    gemm(q_s, h_s, o_f, clear_accum=True)
                 for i, j in T.Parallel(C, block_v):
                     if normalize_q:
                         o_f[i, j] = o_f[i, j] * (scale * rq_s[i] * T.exp2(gam_s[i] * LOG2E))
                     else:
                         o_f[i, j] = o_f[i, j] * (scale * T.exp2(gam_s[i] * LOG2E))
-                T.gemm(a_s, vn_s, o_f)
+                gemm(a_s, vn_s, o_f)
                 T.copy(o_f, vn_s)                       # staged: row-contiguous vector stores to o
                 for i, j in T.Parallel(C, block_v):
                     if t0 + i < eos and v0 + j < V:
@@ -131,7 +150,12 @@ def build_chunk_scan(*, H: int, HV: int, K: int, V: int, in_dtype: str, normaliz
                 # S = e^{gamma_n} S + K^T diag(e^{gamma_n - gamma} / r) N
                 for i, j in T.Parallel(KP, block_v):
                     h_f[i, j] = h_f[i, j] * T.exp2(gam_s[nl] * LOG2E)
-                T.gemm(k_s, vd_s, h_f, transpose_A=True)
+                if lean:
+                    for r in T.serial(C):
+                        for i, j in T.Parallel(KP, block_v):
+                            h_f[i, j] += T.if_then_else(t0 + r < eos and i < K, k[0, t0 + r, hk, i], T.cast(0, in_dtype)) * vd_s[r, j]
+                else:
+                    gemm(k_s, vd_s, h_f, transpose_A=True)
 
             if store_ht:
                 for i, j in T.Parallel(KP, block_v):

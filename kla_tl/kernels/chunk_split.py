@@ -30,7 +30,7 @@ import functools
 import tilelang
 import tilelang.language as T
 
-from ._tl import LOG2E
+from ._tl import LOG2E, gemm_for
 
 C = 64
 
@@ -58,6 +58,7 @@ def build_chunk_states(*, H: int, HV: int, K: int, V: int, in_dtype: str, use_h0
     import json
 
     G = HV // H
+    gemm = gemm_for(in_dtype)
     KP = -(-K // 64) * 64
     acc = "float32"
     st = in_dtype
@@ -119,7 +120,7 @@ def build_chunk_states(*, H: int, HV: int, K: int, V: int, in_dtype: str, use_h0
                 for i, j in T.Parallel(KP, block_v):        # the state entering this chunk
                     if i < K and v0 + j < V:
                         hs[c0 + c, hv, i, v0 + j] = h_s[i, j]
-                T.gemm(w_s, h_s, wh_f, clear_accum=True)
+                gemm(w_s, h_s, wh_f, clear_accum=True)
                 for i, j in T.Parallel(C, block_v):
                     wh_f[i, j] = T.if_then_else(t0 + i < eos, u_s[i, j] - wh_f[i, j], 0.0)
                 for i, j in T.Parallel(C, block_v):
@@ -131,7 +132,7 @@ def build_chunk_states(*, H: int, HV: int, K: int, V: int, in_dtype: str, use_h0
                         vn[0, t0 + i, hv, v0 + j] = vn_s[i, j]
                 for i, j in T.Parallel(KP, block_v):
                     h_f[i, j] = h_f[i, j] * T.exp2(gam_s[nl] * LOG2E)
-                T.gemm(k_s, vd_s, h_f, transpose_A=True)
+                gemm(k_s, vd_s, h_f, transpose_A=True)
 
             if store_ht:
                 for i, j in T.Parallel(KP, block_v):
@@ -148,6 +149,7 @@ def build_chunk_output(*, H: int, HV: int, K: int, V: int, in_dtype: str, normal
     import json
 
     G = HV // H
+    gemm = gemm_for(in_dtype)
     KP = -(-K // 64) * 64
     acc = "float32"
     st = in_dtype
@@ -195,13 +197,13 @@ def build_chunk_output(*, H: int, HV: int, K: int, V: int, in_dtype: str, normal
                     rq_s[i] = T.if_then_else(t0 + i < eos, rq[0, t0 + i, hk], 0.0)
 
             # O = diag(scale e^gamma / |q|) (Q S) + Aqk N
-            T.gemm(q_s, h_s, o_f, clear_accum=True)
+            gemm(q_s, h_s, o_f, clear_accum=True)
             for i, j in T.Parallel(C, block_v):
                 if normalize_q:
                     o_f[i, j] = o_f[i, j] * (scale * rq_s[i] * T.exp2(gam_s[i] * LOG2E))
                 else:
                     o_f[i, j] = o_f[i, j] * (scale * T.exp2(gam_s[i] * LOG2E))
-            T.gemm(a_s, vn_s, o_f)
+            gemm(a_s, vn_s, o_f)
             T.copy(o_f, vn_s)                           # staged: row-contiguous vector stores to o
             for i, j in T.Parallel(C, block_v):
                 if t0 + i < eos and v0 + j < V:
@@ -233,6 +235,7 @@ def build_chunk_dstates(*, H: int, HV: int, K: int, V: int, in_dtype: str, norma
     import json
 
     G = HV // H
+    gemm = gemm_for(in_dtype)
     KP = -(-K // 64) * 64
     acc = "float32"
     st = in_dtype
@@ -309,11 +312,11 @@ def build_chunk_dstates(*, H: int, HV: int, K: int, V: int, in_dtype: str, norma
                     if i < K and v0 + j < V:
                         dhs[c0 + c, hv, i, v0 + j] = dh_s[i, j]
                 # dN = diag(e^{gamma_n - gamma} / r) K dS + Aqk^T dO   (rows past the end forced to 0)
-                T.gemm(k_s, dh_s, dn_f, clear_accum=True)
+                gemm(k_s, dh_s, dn_f, clear_accum=True)
                 for i, j in T.Parallel(C, block_v):
                     dn_f[i, j] = T.if_then_else(
                         t0 + i < eos, dn_f[i, j] * (rk_s[i] * T.exp2((gam_s[nl] - gam_s[i]) * LOG2E)), 0.0)
-                T.gemm(a_s, do_s, dn_f, transpose_A=True)
+                gemm(a_s, do_s, dn_f, transpose_A=True)
                 for i, j in T.Parallel(C, block_v):
                     dn_s[i, j] = T.if_then_else(t0 + i < eos, dn_f[i, j], 0.0)
                     # the q row scaling applied to dO instead of Q: Q^T diag(scale e^gamma / |q|) dO
@@ -327,10 +330,10 @@ def build_chunk_dstates(*, H: int, HV: int, K: int, V: int, in_dtype: str, norma
                 # dS = e^{gamma_n} dS + Q^T (scaled dO) - W^T dN
                 for i, j in T.Parallel(KP, block_v):
                     dh_f[i, j] = dh_f[i, j] * T.exp2(gam_s[nl] * LOG2E)
-                T.gemm(q_s, dos_s, dh_f, transpose_A=True)
+                gemm(q_s, dos_s, dh_f, transpose_A=True)
                 for i, j in T.Parallel(C, block_v):
                     dn_s[i, j] = -dn_s[i, j]
-                T.gemm(w_s, dn_s, dh_f, transpose_A=True)
+                gemm(w_s, dn_s, dh_f, transpose_A=True)
 
             if store_dh0:
                 for i, j in T.Parallel(KP, block_v):
