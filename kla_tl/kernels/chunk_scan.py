@@ -46,6 +46,15 @@ def build_chunk_scan(*, H: int, HV: int, K: int, V: int, in_dtype: str, normaliz
     N = T.dynamic("N")
     NV = (V + block_v - 1) // block_v
 
+    @T.macro
+    def rows_times_state(src, head, t0, eos, h_s, out_f):
+        """out_f = src[rows t0 .. t0 + C, head] @ S (the lean float32 layout: src read from global memory, rows past
+        the sequence end and the K padding as zeros)."""
+        T.clear(out_f)
+        for r in T.serial(KP):
+            for i, j in T.Parallel(C, block_v):
+                out_f[i, j] += T.if_then_else(t0 + i < eos and r < K, src[0, t0 + i, head, r], T.cast(0, src.dtype)) * h_s[r, j]
+
     @T.prim_func
     def chunk_scan(
         q: T.Tensor([1, TT, H, K], in_dtype),
@@ -114,10 +123,7 @@ def build_chunk_scan(*, H: int, HV: int, K: int, V: int, in_dtype: str, normaliz
                 T.copy(h_f, h_s)
                 # N = U - W S  (rows past the sequence end forced to 0)
                 if lean:
-                    T.clear(wh_f)
-                    for r in T.serial(KP):
-                        for i, j in T.Parallel(C, block_v):
-                            wh_f[i, j] += T.if_then_else(t0 + i < eos and r < K, w[0, t0 + i, hv, r], T.cast(0, st)) * h_s[r, j]
+                    rows_times_state(w, hv, t0, eos, h_s, wh_f)
                 else:
                     gemm(w_s, h_s, wh_f, clear_accum=True)
                 for i, j in T.Parallel(C, block_v):
@@ -131,10 +137,7 @@ def build_chunk_scan(*, H: int, HV: int, K: int, V: int, in_dtype: str, normaliz
                         t0 + i < eos, wh_f[i, j] * (rk_s[i] * T.exp2((gam_s[nl] - gam_s[i]) * LOG2E)), 0.0)
                 # O = diag(scale e^gamma / |q|) (Q S) + Aqk N
                 if lean:
-                    T.clear(o_f)
-                    for r in T.serial(KP):
-                        for i, j in T.Parallel(C, block_v):
-                            o_f[i, j] += T.if_then_else(t0 + i < eos and r < K, q[0, t0 + i, hk, r], T.cast(0, in_dtype)) * h_s[r, j]
+                    rows_times_state(q, hk, t0, eos, h_s, o_f)
                 else:
                     gemm(q_s, h_s, o_f, clear_accum=True)
                 for i, j in T.Parallel(C, block_v):
