@@ -4,7 +4,8 @@ This produced the prepare/scan split quoted in the README (H100: prepare 0.61 ms
 
     python tools/profile_chunk_fwd.py sm_90a [sm_80]      # also writes the timings to prof.json
 """
-import os, sys, json
+import json
+import sys
 import torch
 
 from kla_tl.kernels.chunk_fwd import build_prepare, build_scan
