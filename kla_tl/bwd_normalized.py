@@ -2,7 +2,7 @@
 
 The spec of the TileLang backward kernels: same arguments and results as
 :func:`kla_tl.reference_bwd.chunk_kla_reference_bwd` (the raw-key oracle, where beta = eta / r^2 appears), but every
-quantity is the one :mod:`kla_tl.kernels.chunk_prepare` / ``chunk_scan`` / ``chunk_split`` form; beta is never built.
+quantity is the one :mod:`kla_tl.kernels.chunk_prepare` / ``chunk_scan`` / ``chunk_states`` form; beta is never built.
 Sequences (dense rows or ``cu_seqlens`` ranges) and chunks are Python loops; within a chunk all value heads at once.
 Arithmetic in float64 for float64 q, else float32.
 

@@ -6,9 +6,9 @@ tokens, so one kernel variant serves both. Stage 1 (:mod:`kla_tl.kernels.chunk_p
 parallel; stage 2 (:mod:`kla_tl.kernels.chunk_scan`) walks each sequence's chunks in order.
 
 Environment: ``KLA_TL_ARCH=sm_80`` forces the Ampere code path on a Hopper GPU (built for sm_90a with wgmma, TMA and
-warp specialization disabled), so that path is tested on real hardware. ``KLA_TL_FWD=split`` (experimental, for
-A/B measurements) runs stage 2 as the two kernels of :mod:`kla_tl.kernels.chunk_split` (a state recurrence storing
-per-chunk states, then a chunk-parallel output) instead of the fused scan.
+warp specialization disabled), so that path is tested on real hardware. The backward's state recurrences
+(:mod:`kla_tl.kernels.chunk_states`; experimental, not used by ``chunk_kla`` yet) launch through the same
+:class:`_Launch`.
 """
 
 from __future__ import annotations
@@ -23,16 +23,6 @@ from .conventions import CHUNK, Problem, sequence_bounds
 
 #: Environment variable forcing a code path (``sm_80`` or ``sm_90a``).
 ARCH_ENV = "KLA_TL_ARCH"
-#: Environment variable choosing the forward's second stage: ``fused`` (default, chunk_scan) or ``split``.
-FWD_ENV = "KLA_TL_FWD"
-FWD_CHOICES = ("fused", "split")
-
-#: Largest head dims of float32 inputs on the experimental split kernels: float32 tiles (FMA products, not tf32
-#: tensor cores, :func:`kla_tl.kernels._tl.gemm_for`) take twice the bytes of bf16 ones, and only the fused kernels
-#: have the lean float32 layouts for wide heads (``lean_prepare``, ``lean_scan``). K is padded to a multiple of 64.
-SPLIT_FP32_MAX_K = 128
-SPLIT_FP32_MAX_V = 192
-
 _TABLES: dict = {}
 
 
@@ -43,11 +33,6 @@ def chunk_refusal(prob: Problem, device: torch.device, *, needs_grad: bool) -> O
         return reason
     if prob.dtype == torch.float16:
         return "float16 inputs (the chunk kernels are built for bfloat16)"
-    if (prob.dtype == torch.float32 and forward_variant() == "split"
-            and (-(-prob.K // 64) * 64 > SPLIT_FP32_MAX_K or prob.V > SPLIT_FP32_MAX_V)):
-        return (f"float32 inputs with K={prob.K}, V={prob.V} and {FWD_ENV}=split: the split kernels' float32 tiles "
-                f"need K <= {SPLIT_FP32_MAX_K} and V <= {SPLIT_FP32_MAX_V} to fit in shared memory; unset {FWD_ENV} "
-                f"or pass bfloat16 for the kernels")
     return None
 
 
@@ -149,20 +134,17 @@ class _Launch:
         scan(self.q, self.k, self.w, self.u, self.aqk, self.gcum, self.rq, self.rk, self.seqs, self.h0, self.o,
              self.ht)
 
-    def split(self, states, output) -> None:
-        """Stage 2 as state recurrence + chunk-parallel output (:mod:`kla_tl.kernels.chunk_split`); keeps the
-        per-chunk states ``hs`` and ``vn`` (N) on the object."""
+    def states(self, kernel) -> None:
+        """The state recurrence storing the state entering every chunk (:func:`build_states_kernel`) after
+        :meth:`prepare`: keeps ``hs`` and ``vn`` (N) on the object, and the final state in ``ht``."""
         NC = self.chunks.shape[0]
         HV, K, V = self.w.shape[2], self.w.shape[3], self.u.shape[3]
         self.hs = torch.empty(NC, HV, K, V, dtype=self.w.dtype, device=self.w.device)
         self.vn = torch.empty_like(self.u)
-        states(self.k, self.w, self.u, self.gcum, self.rk, self.seqs, self.coff, self.h0, self.hs, self.vn, self.ht)
-        if NC > 0:
-            output(self.q, self.aqk, self.gcum, self.rq, self.chunks, self.hs, self.vn, self.o)
+        kernel(self.k, self.w, self.u, self.gcum, self.rk, self.seqs, self.coff, self.h0, self.hs, self.vn, self.ht)
 
     def dstates(self, kernel, do: torch.Tensor, dht: Optional[torch.Tensor]) -> None:
-        """The backward's reverse state-gradient recurrence (:func:`kla_tl.kernels.chunk_split.build_chunk_dstates`,
-        experimental) after :meth:`prepare`: keeps ``dhs`` (gradient at the state leaving every chunk), ``dvn``
+        """The backward's reverse state-gradient recurrence (:func:`build_dstates_kernel`) after :meth:`prepare`: keeps ``dhs`` (gradient at the state leaving every chunk), ``dvn``
         (gradient of N) and ``dh0`` on the object."""
         NC, TT = self.chunks.shape[0], self.q.shape[1]
         HV, K, V = self.w.shape[2], self.w.shape[3], self.u.shape[3]
@@ -175,57 +157,43 @@ class _Launch:
                self.dhs, self.dvn, self.dh0)
 
 
-def forward_variant() -> str:
-    """The value of KLA_TL_FWD (``fused`` when unset); ValueError naming the accepted values otherwise."""
-    v = os.environ.get(FWD_ENV, "") or "fused"
-    if v not in FWD_CHOICES:
-        raise ValueError(f"{FWD_ENV} must be one of {FWD_CHOICES}, got {v!r}")
-    return v
-
-
-def split_schedule(arch: str, key: dict) -> dict:
-    """Untuned schedule of the split kernels: 64 state columns per CTA (32 with few tiles or float32), 256 threads
-    for K > 128 or float32, one stage, no warp specialization."""
+def state_schedule(arch: str, key: dict) -> dict:
+    """Untuned schedule of the state recurrences: 64 state columns per CTA (32 with few tiles or float32), 256
+    threads for K > 128 or float32, one stage, no warp specialization."""
     exact = key.get("dtype") == "float32"     # FMA products: half the columns per CTA (shared memory), 256 threads
     return {"block_v": 32 if key.get("tiles") == "few" or exact else 64,
             "threads": 256 if key["K"] > 128 or exact else 128}
 
 
-def build_split_kernels(prob: Problem, arch: str, on_hopper: bool, *, scale: float, use_h0: bool):
-    """Compiled (chunk_states, chunk_output) of the split second stage; no GPU needed."""
+def _state_kernel_args(prob: Problem, arch: str, on_hopper: bool, *, use_h0: bool) -> dict:
+    """Builder arguments shared by the two state recurrences: dims, dtype, schedule, target, pass configs."""
     import json
 
-    from .kernels.chunk_split import build_chunk_output, build_chunk_states
     from .kernels.registry import target_for
 
     key = problem_key(prob, use_h0=use_h0, store_ht=True)
-    sch = split_schedule(arch, key)
+    sch = state_schedule(arch, key)
     target, pcs = target_for(arch, on_hopper)
     pcs = dict(pcs, **{"tl.disable_warp_specialized": True})
-    common = dict(H=prob.H, HV=prob.HV, K=prob.K, V=prob.V, in_dtype=key["dtype"], block_v=sch["block_v"],
-                  threads=sch["threads"], target=json.dumps(target, sort_keys=True),
-                  pass_configs=tuple(sorted(pcs.items())))
-    states = build_chunk_states(use_h0=use_h0, store_ht=True, num_stages=1, **common)
-    output = build_chunk_output(normalize_q=prob.normalize_q, scale=scale, **common)
-    return states, output
+    return dict(H=prob.H, HV=prob.HV, K=prob.K, V=prob.V, in_dtype=key["dtype"], block_v=sch["block_v"],
+                threads=sch["threads"], num_stages=1, target=json.dumps(target, sort_keys=True),
+                pass_configs=tuple(sorted(pcs.items())))
+
+
+def build_states_kernel(prob: Problem, arch: str, on_hopper: bool, *, use_h0: bool):
+    """Compiled state recurrence storing the state entering every chunk (the backward's first sweep); no GPU
+    needed."""
+    from .kernels.chunk_states import build_chunk_states
+
+    return build_chunk_states(use_h0=use_h0, store_ht=True, **_state_kernel_args(prob, arch, on_hopper, use_h0=use_h0))
 
 
 def build_dstates_kernel(prob: Problem, arch: str, on_hopper: bool, *, scale: float, use_dht: bool):
-    """Compiled reverse state-gradient recurrence of the backward (experimental; same schedule as the split
-    forward's state kernel); no GPU needed."""
-    import json
+    """Compiled reverse state-gradient recurrence of the backward (experimental); no GPU needed."""
+    from .kernels.chunk_states import build_chunk_dstates
 
-    from .kernels.chunk_split import build_chunk_dstates
-    from .kernels.registry import target_for
-
-    key = problem_key(prob, use_h0=False, store_ht=True)
-    sch = split_schedule(arch, key)
-    target, pcs = target_for(arch, on_hopper)
-    pcs = dict(pcs, **{"tl.disable_warp_specialized": True})
-    return build_chunk_dstates(H=prob.H, HV=prob.HV, K=prob.K, V=prob.V, in_dtype=key["dtype"],
-                               normalize_q=prob.normalize_q, scale=scale, use_dht=use_dht, store_dh0=True,
-                               block_v=sch["block_v"], threads=sch["threads"], num_stages=1,
-                               target=json.dumps(target, sort_keys=True), pass_configs=tuple(sorted(pcs.items())))
+    return build_chunk_dstates(normalize_q=prob.normalize_q, scale=scale, use_dht=use_dht, store_dh0=True,
+                               **_state_kernel_args(prob, arch, on_hopper, use_h0=False))
 
 
 def chunk_fwd(q, k, v, g, eta, *, prob: Problem, cu, scale, eps, normalize_q, initial_state, output_final_state):
@@ -246,10 +214,7 @@ def chunk_fwd(q, k, v, g, eta, *, prob: Problem, cu, scale, eps, normalize_q, in
                                device=device)
     run = _Launch(q, k, v, g, eta, prob=prob, cu=cu, initial_state=initial_state)
     run.prepare(prep)
-    if forward_variant() == "split":
-        run.split(*build_split_kernels(prob, arch, on_hopper, scale=scale, use_h0=initial_state is not None))
-    else:
-        run.scan(scan)
+    run.scan(scan)
     return run.o.reshape(B, T, HV, V), (run.ht if output_final_state else None)
 
 

@@ -5,7 +5,7 @@ to 1e-10 (norm-relative): T in {1, 63, 64, 65, 130} x chunk sizes 16 / 64 x init
 all with GVA (H = 2, HV = 4); varlen with empty sequences; adversarial keys (zero rows, norms 1e-3 / 1e3 / mixed) and
 gates (0 and -30 alternating, -inf). Stage tests: the recomputed forward gives the reference o and final state;
 stage 2's dN, dS_out and dh0 equal autograd through the normalized forward, and dS_out / dh0 equal the float64
-transcription of the chunk_split state-gradient kernel (tests/test_chunk_split.py). float32 against the float64 oracle.
+transcription of the chunk_states state-gradient kernel (tests/test_chunk_states.py). float32 against the float64 oracle.
 """
 
 from __future__ import annotations
@@ -168,10 +168,10 @@ def test_stage2_dN_dS_out_dh0_equal_autograd(chunk):
         assert_rel_close(f"dS_out[{i}]", dS_out[i], grads[1 + len(chunks) + i], tol)
 
 
-def test_stage2_equals_the_chunk_split_kernel_transcription():
-    """dS_out of chunk c is the dh0 of the suffix that starts after it, so chunk_split's float64 transcription
+def test_stage2_equals_the_chunk_states_kernel_transcription():
+    """dS_out of chunk c is the dh0 of the suffix that starts after it, so chunk_states' float64 transcription
     (dense, C = 64) run on every chunk-aligned suffix gives every dS_out, and on the whole sequence dh0."""
-    from test_chunk_split import _dstates_emulated
+    from test_chunk_states import _dstates_emulated
 
     x = make_inputs(2, 150, H, HV, K, V, F64, with_h0=True, key_norm=(1e-3, 1e3))
     do, dht = _cotangents(x, True)

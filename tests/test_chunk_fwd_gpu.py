@@ -14,8 +14,8 @@ from kla_tl.reference import chunk_kla_reference
 
 pytestmark = pytest.mark.gpu
 
-#: code path, and "-split" for the experimental split second stage (KLA_TL_FWD=split, kla_tl.kernels.chunk_split)
-PATHS = ["sm_90a", "sm_80", "sm_90a-split", "sm_80-split"]
+#: code paths: Hopper, and Ampere run on the Hopper GPU
+PATHS = ["sm_90a", "sm_80"]
 #: input dtypes of the grid: bf16 (tensor cores) and float32 (exact-fp32 FMA products; tolerance 1e-3)
 DTYPES = [torch.bfloat16, torch.float32]
 _dtypes = pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp32"])
@@ -23,14 +23,12 @@ _dtypes = pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp32"])
 
 @pytest.fixture
 def path(request, monkeypatch):
-    """Select the code path (Ampere runs on Hopper with wgmma/TMA/WS disabled) and the forward variant, and poison
-    every torch.empty."""
-    arch, _, variant = request.param.partition("-")
+    """Select the code path (Ampere runs on Hopper with wgmma/TMA/WS disabled) and poison every torch.empty."""
+    arch = request.param
     cap = torch.cuda.get_device_capability()
     if arch == "sm_90a" and cap[0] != 9:
         pytest.skip("the sm_90a path needs a Hopper GPU")
     monkeypatch.setenv("KLA_TL_ARCH", arch)
-    monkeypatch.setenv("KLA_TL_FWD", variant or "fused")
     empty = torch.empty
 
     def poisoned(*args, **kwargs):
@@ -87,11 +85,6 @@ def test_flags_off_no_initial_state(path, dtype):
                                        (64, 64, torch.float32), (256, 256, torch.float32), (96, 192, torch.float32),
                                        (48, 96, torch.float32), (128, 256, torch.float32)])
 def test_head_dims(path, K, V, dtype):
-    import os
-
-    from kla_tl.chunk import SPLIT_FP32_MAX_V
-    if os.environ["KLA_TL_FWD"] == "split" and dtype == torch.float32 and max(K, V) > SPLIT_FP32_MAX_V:
-        pytest.skip("the split variant refuses wide float32 heads (test_split_refuses_wide_float32_heads)")
     inp = make_inputs(2, 130, 2, 2, K, V, dtype, "cuda", with_h0=True)
     _check(inp, dtype=dtype)
 
@@ -102,22 +95,6 @@ def test_varlen_gva_empty_and_short_sequences(path, dtype):
     cu = [0, 0, 1, 1, 300, 301, 2000]
     inp = make_inputs(1, 2000, 16, 32, 128, 128, dtype, "cuda", cu_seqlens=cu, with_h0=True)
     _check(inp, dtype=dtype)
-
-
-@pytest.mark.parametrize("path", ["sm_90a-split"], indirect=True)
-def test_split_refuses_wide_float32_heads(path, monkeypatch):
-    """The experimental split variant has no lean float32 layout: float32 at K = V = 256 runs the reference, with a
-    warning that says why (the fused kernels serve it)."""
-    from kla_tl import dispatch
-
-    monkeypatch.setattr(dispatch, "_WARNED", set())
-    inp = make_inputs(2, 200, 2, 2, 256, 256, torch.float32, "cuda", with_h0=True)
-    with pytest.warns(RuntimeWarning, match="float32 inputs with K=256, V=256 and KLA_TL_FWD=split"):
-        o, ht = kla_tl.chunk_kla(*inp.args(), normalize_q=True, output_final_state=True, **inp.kwargs())
-    ref = inp.to(torch.float64)
-    o_ref, ht_ref = chunk_kla_reference(*ref.args(), normalize_q=True, output_final_state=True, **ref.kwargs())
-    assert_rel_close("o", o, o_ref, tol_for(torch.float32, "o"))
-    assert_rel_close("ht", ht, ht_ref, tol_for(torch.float32, "ht"))
 
 
 @pytest.mark.parametrize("path", PATHS, indirect=True)
@@ -156,9 +133,9 @@ def test_agrees_with_fla_triton(path, monkeypatch):
     assert_rel_close("ht vs fla", ht, ht_fla, tol_for(torch.bfloat16, "ht"))
 
 
-@pytest.mark.parametrize("path", ["sm_90a-split", "sm_80-split"], indirect=True)
-def test_split_stores_the_state_entering_every_chunk(path):
-    """The split variant's per-chunk states: hs[coff[n] + c] equals the float64 reference's final state after the
+@pytest.mark.parametrize("path", PATHS, indirect=True)
+def test_states_kernel_stores_the_state_entering_every_chunk(path):
+    """The backward's state recurrence (kla_tl.kernels.chunk_states): hs[coff[n] + c] equals the float64 reference's final state after the
     first 64 c tokens of sequence n (varlen with an empty sequence, an initial state, a partial last chunk)."""
     from kla_tl import chunk as CH
     from kla_tl.conventions import check_inputs
@@ -170,7 +147,7 @@ def test_split_stores_the_state_entering_every_chunk(path):
     prep, _ = CH.build_kernels(prob, arch, on_hopper, scale=scale, eps=1e-6, use_h0=True, device=inp.q.device)
     run = CH._Launch(*inp.args(), prob=prob, cu=cul, initial_state=inp.initial_state)
     run.prepare(prep)
-    run.split(*CH.build_split_kernels(prob, arch, on_hopper, scale=scale, use_h0=True))
+    run.states(CH.build_states_kernel(prob, arch, on_hopper, use_h0=True))
     torch.cuda.synchronize()
     ref = inp.to(torch.float64)
     bounds = cul
@@ -193,7 +170,7 @@ def test_split_stores_the_state_entering_every_chunk(path):
 @pytest.mark.parametrize("path", ["sm_90a", "sm_80"], indirect=True)
 @pytest.mark.parametrize("K,V", [(128, 128), (96, 192)])
 def test_dstates_kernel_matches_the_reference_backward(path, K, V):
-    """The backward's reverse state-gradient kernel (experimental, kla_tl.kernels.chunk_split): dh0 equals the
+    """The backward's reverse state-gradient kernel (experimental, kla_tl.kernels.chunk_states): dh0 equals the
     float64 reference backward's initial-state gradient, and the gradient at the state leaving chunk c of a sequence
     equals dh0 of the reference backward of the rest of that sequence started from the true state there (varlen
     with an empty sequence, a partial last chunk, dht given)."""

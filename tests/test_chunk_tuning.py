@@ -46,8 +46,8 @@ def test_scan_default_follows_the_tiles_class():
 
 def test_float32_takes_the_fma_schedule_and_lean_layouts_for_wide_heads(monkeypatch):
     """float32 runs exact FMA products: no warp specialization (nothing for TMA/wgmma to overlap), 32 state columns
-    and 256 threads per CTA (twice the tile bytes); wide float32 heads take the lean layouts in the fused kernels,
-    and the split variant, which has none, refuses them with the reason."""
+    and 256 threads per CTA (twice the tile bytes); wide float32 heads take the lean layouts, so the kernels serve
+    every head dim in float32 (float16 stays refused)."""
     from kla_tl import chunk as CH, dispatch
     from kla_tl.kernels._tl import lean_prepare, lean_scan
 
@@ -59,19 +59,13 @@ def test_float32_takes_the_fma_schedule_and_lean_layouts_for_wide_heads(monkeypa
     assert lean_prepare("float32", 256, 256) and lean_prepare("float32", 128, 256) and lean_scan("float32", 256)
     assert not lean_prepare("float32", 96, 192) and not lean_scan("float32", 128) and not lean_scan("float32", 96)
     assert not lean_prepare("bfloat16", 256, 256) and not lean_scan("bfloat16", 256)
-    monkeypatch.setattr(dispatch, "common_refusal", lambda prob, device: None)   # the float32 clause alone
+    monkeypatch.setattr(dispatch, "common_refusal", lambda prob, device: None)   # the dtype clauses alone
     dev = torch.device("cuda")
     ok = dict(B=2, T=64, H=2, HV=2, N=2, dtype=torch.float32, is_varlen=False, use_h0=False, normalize_q=True)
-    for variant in ("fused", "split"):
-        monkeypatch.setenv(CH.FWD_ENV, variant)
-        for K, V in ((128, 128), (96, 192), (64, 64), (48, 96)):
-            assert CH.chunk_refusal(Problem(K=K, V=V, **ok), dev, needs_grad=False) is None
-        for K, V in ((256, 256), (256, 128), (128, 256)):
-            why = CH.chunk_refusal(Problem(K=K, V=V, **ok), dev, needs_grad=False)
-            if variant == "fused":
-                assert why is None
-            else:
-                assert why is not None and f"K={K}, V={V}" in why and CH.FWD_ENV in why
+    for K, V in ((128, 128), (96, 192), (64, 64), (48, 96), (256, 256), (256, 128), (128, 256)):
+        assert CH.chunk_refusal(Problem(K=K, V=V, **ok), dev, needs_grad=False) is None
+    why = CH.chunk_refusal(Problem(K=128, V=128, **dict(ok, dtype=torch.float16)), dev, needs_grad=False)
+    assert why is not None and "float16" in why
 
 
 def test_both_stages_have_bench_hooks_with_representative_shapes():

@@ -2,7 +2,7 @@
 Hopper path and the Ampere-on-Hopper path, so that a GPU run loads them from ``TILELANG_CACHE_DIR`` instead of
 compiling.
 
-    TILELANG_CACHE_DIR=.tlcache python tools/warm_cache.py [--suite quick|full] [--split]
+    TILELANG_CACHE_DIR=.tlcache python tools/warm_cache.py [--suite quick|full] [--states]
 
 ``--suite`` adds the chunk problems of that ``kla-tl bench`` suite: each timed shape and the smaller shape its
 correctness check runs (the kernels' untuned scan schedule depends on the number of sequences, so both are needed).
@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from kla_tl.chunk import build_dstates_kernel, build_kernels, build_split_kernels
+from kla_tl.chunk import build_dstates_kernel, build_kernels, build_states_kernel
 from kla_tl.conventions import Problem
 
 #: (B, T, H, HV, K, V, dtype, normalize_q, use_h0, N): the problems of tests/test_chunk_fwd_gpu.py and of the
@@ -28,7 +28,7 @@ CASES = [
     (1, 2000, 16, 32, 128, 128, torch.bfloat16, True, True, 6),
     (1, 32768, 4, 4, 128, 128, torch.bfloat16, True, True, 1),
     (2, 1000, 4, 8, 128, 128, torch.bfloat16, True, True, 2),
-    # the split-variant state tests (varlen, 3 sequences) and the KLAttention layer tests (MQAR and GVA dims)
+    # the state-kernel tests (varlen, 3 sequences) and the KLAttention layer tests (MQAR and GVA dims)
     (1, 330, 2, 4, 128, 128, torch.bfloat16, True, True, 3),
     (1, 330, 2, 4, 96, 192, torch.bfloat16, True, True, 3),
     (2, 200, 4, 4, 48, 96, torch.bfloat16, True, False, 2),
@@ -84,9 +84,9 @@ def suite_cases(suite: str) -> list:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--suite", help="also build the chunk problems of this kla-tl bench suite (quick, full)")
-    ap.add_argument("--split", action="store_true",
-                    help="also build the split second stage (KLA_TL_FWD=split) and the backward's state-gradient "
-                         "kernel of every problem")
+    ap.add_argument("--states", action="store_true",
+                    help="also build the backward's two state recurrences (kla_tl.kernels.chunk_states) of every "
+                         "problem")
     args = ap.parse_args()
     cases = CASES + (suite_cases(args.suite) if args.suite else [])
     t_all = time.time()
@@ -97,8 +97,8 @@ def main() -> int:
             t = time.time()
             try:
                 build_kernels(prob, arch, on_hopper, scale=K ** -0.5, eps=1e-6, use_h0=h0)
-                if args.split:
-                    build_split_kernels(prob, arch, on_hopper, scale=K ** -0.5, use_h0=h0)
+                if args.states:
+                    build_states_kernel(prob, arch, on_hopper, use_h0=h0)
                     build_dstates_kernel(prob, arch, on_hopper, scale=K ** -0.5, use_dht=True)
             except Exception as e:  # report and go on: one failing build must not hide the others
                 print(f"FAILED {arch} K={K} V={V}: {type(e).__name__}: {str(e).splitlines()[-1][:200]}")

@@ -72,3 +72,23 @@ def lean_scan(in_dtype: str, K: int) -> bool:
     """Whether the state scans read q, k and w straight from global memory inside their FMA products instead of
     staging [64, K] tiles in shared memory (float32 with K > 128: three float32 [64, 256] tiles are 192 KB)."""
     return in_dtype == "float32" and -(-K // 64) * 64 > 128
+
+
+def state_tile_io(K: int, KP: int, V: int, block_v: int):
+    """Macros ``(load, store)`` of a state column tile ``[KP, block_v]`` (rows padded from K to KP, columns
+    ``[v0, v0 + block_v)`` of V) against a ``[rows, HV, K, V]`` tensor: ``load(src, row, hv, v0, dst)`` reads it
+    masked (zeros outside K x V), ``store(src, dst, row, hv, v0)`` writes the in-range part."""
+    import tilelang.language as T
+
+    @T.macro
+    def load(src, row, hv, v0, dst):
+        for i, j in T.Parallel(KP, block_v):
+            dst[i, j] = T.if_then_else(i < K and v0 + j < V, src[row, hv, i, v0 + j], 0.0)
+
+    @T.macro
+    def store(src, dst, row, hv, v0):
+        for i, j in T.Parallel(KP, block_v):
+            if i < K and v0 + j < V:
+                dst[row, hv, i, v0 + j] = src[i, j]
+
+    return load, store

@@ -23,7 +23,7 @@ import functools
 import tilelang
 import tilelang.language as T
 
-from ._tl import LOG2E, gemm_for, lean_scan
+from ._tl import LOG2E, gemm_for, lean_scan, state_tile_io
 
 C = 64
 
@@ -45,6 +45,7 @@ def build_chunk_scan(*, H: int, HV: int, K: int, V: int, in_dtype: str, normaliz
     TT = T.dynamic("TT")
     N = T.dynamic("N")
     NV = (V + block_v - 1) // block_v
+    load_state, store_state = state_tile_io(K, KP, V, block_v)
 
     @T.macro
     def rows_times_state(src, head, t0, eos, h_s, out_f):
@@ -93,8 +94,7 @@ def build_chunk_scan(*, H: int, HV: int, K: int, V: int, in_dtype: str, normaliz
             o_f = T.alloc_fragment((C, block_v), acc)
 
             if use_h0:
-                for i, j in T.Parallel(KP, block_v):
-                    h_f[i, j] = T.if_then_else(i < K and v0 + j < V, h0[n, hv, i, v0 + j], 0.0)
+                load_state(h0, n, hv, v0, h_f)
             else:
                 T.clear(h_f)
 
@@ -161,8 +161,6 @@ def build_chunk_scan(*, H: int, HV: int, K: int, V: int, in_dtype: str, normaliz
                     gemm(k_s, vd_s, h_f, transpose_A=True)
 
             if store_ht:
-                for i, j in T.Parallel(KP, block_v):
-                    if i < K and v0 + j < V:
-                        ht[n, hv, i, v0 + j] = h_f[i, j]
+                store_state(h_f, ht, n, hv, v0)
 
     return tilelang.compile(chunk_scan, target=json.loads(target), pass_configs=dict(pass_configs))

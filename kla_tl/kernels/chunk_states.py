@@ -1,28 +1,18 @@
-"""The chunkwise forward's second half split in two (experimental; not used by ``chunk_kla`` yet): a sequential
-state recurrence that stores the state at the start of every chunk, and a chunk-parallel output kernel.
+"""The two sequential state recurrences of the KLA backward (KLA.md section 6), in the normalized form of the
+forward (:mod:`kla_tl.kernels.chunk_scan`'s notation); they consume what :mod:`kla_tl.kernels.chunk_prepare` wrote::
 
-Why: :mod:`kla_tl.kernels.chunk_scan` computes the output inside its sequential chunk loop, so with few
-(sequence, value head, column) tiles (one long sequence, many value heads) its time is the number of chunks times
-the latency of a chunk step that also loads q and Aqk and runs two extra GEMMs. Here the sequential kernel keeps only
-what the recurrence needs, and the output is computed for all chunks at once from the stored states. The stored
-states (and N) are also the first stage of the backward (KLA.md section 6).
-
-Consumes what :mod:`kla_tl.kernels.chunk_prepare` wrote (w, u, aqk, gcum, rq, rk); same notation as chunk_scan::
-
-    chunk_states  (grid (ceil(V / block_v), N, HV), sequential over a sequence's chunks)
-        hs[c]  = S                                        state at the start of chunk c (input dtype)
+    chunk_states   (grid (ceil(V / block_v), N, HV), a sequence's chunks in order)
+        hs[c]  = S                                        state entering chunk c (input dtype)
         N      = U - W S                                  -> vn (rows past the sequence end are not written)
         S      = e^{gamma_n} S + (K^ e^{gamma_n - gamma})^T N
         ht     = S at the end (fp32, optional)
-    chunk_output  (grid (ceil(V / block_v), NCT, HV), all chunks in parallel)
-        O      = (scale e^gamma q^) hs[c] + Aqk N         -> o
+    chunk_dstates  (same grid, a sequence's chunks last to first): see :func:`build_chunk_dstates`
 
 Chunk ``c`` of sequence ``n`` is row ``coff[n] + c`` of ``hs [NCT, HV, K, V]`` (``coff`` int32 ``[N]``: chunks of
-the sequences before ``n``), which is also row ``coff[n] + c`` of the prepare kernel's chunk table, so the output
-kernel reads its chunk's (first token, sequence end) from ``chunks [NCT, 2]``.
-
-The state kernel's chunk step repeats chunk_scan's (loads, N, the state update) on purpose while the two designs are
-compared on a GPU; the one that loses goes.
+the sequences before ``n``), which is also row ``coff[n] + c`` of the prepare kernel's chunk table. The forward
+itself runs :mod:`kla_tl.kernels.chunk_scan`, which fuses the output into this recurrence: a split design (this
+state kernel plus a chunk-parallel output kernel) was measured slower on an H100 (1.242 vs 0.948 ms at B=8, T=4096,
+H=16; perf/experiments/h100-split-forward.json) and removed.
 """
 
 import functools
@@ -30,7 +20,7 @@ import functools
 import tilelang
 import tilelang.language as T
 
-from ._tl import LOG2E, gemm_for
+from ._tl import LOG2E, gemm_for, state_tile_io
 
 C = 64
 
@@ -66,6 +56,7 @@ def build_chunk_states(*, H: int, HV: int, K: int, V: int, in_dtype: str, use_h0
     N = T.dynamic("N")
     NCT = T.dynamic("NCT")
     NV = (V + block_v - 1) // block_v
+    load_state, store_state = state_tile_io(K, KP, V, block_v)
     load = _row_tile_loader(K, KP)
 
     @T.prim_func
@@ -102,8 +93,7 @@ def build_chunk_states(*, H: int, HV: int, K: int, V: int, in_dtype: str, use_h0
             wh_f = T.alloc_fragment((C, block_v), acc)
 
             if use_h0:
-                for i, j in T.Parallel(KP, block_v):
-                    h_f[i, j] = T.if_then_else(i < K and v0 + j < V, h0[n, hv, i, v0 + j], 0.0)
+                load_state(h0, n, hv, v0, h_f)
             else:
                 T.clear(h_f)
 
@@ -117,9 +107,7 @@ def build_chunk_states(*, H: int, HV: int, K: int, V: int, in_dtype: str, use_h0
                 nl = T.min(eos - t0, C) - 1
 
                 T.copy(h_f, h_s)
-                for i, j in T.Parallel(KP, block_v):        # the state entering this chunk
-                    if i < K and v0 + j < V:
-                        hs[c0 + c, hv, i, v0 + j] = h_s[i, j]
+                store_state(h_s, hs, c0 + c, hv, v0)          # the state entering this chunk
                 gemm(w_s, h_s, wh_f, clear_accum=True)
                 for i, j in T.Parallel(C, block_v):
                     wh_f[i, j] = T.if_then_else(t0 + i < eos, u_s[i, j] - wh_f[i, j], 0.0)
@@ -135,81 +123,9 @@ def build_chunk_states(*, H: int, HV: int, K: int, V: int, in_dtype: str, use_h0
                 gemm(k_s, vd_s, h_f, transpose_A=True)
 
             if store_ht:
-                for i, j in T.Parallel(KP, block_v):
-                    if i < K and v0 + j < V:
-                        ht[n, hv, i, v0 + j] = h_f[i, j]
+                store_state(h_f, ht, n, hv, v0)
 
     return tilelang.compile(chunk_states, target=json.loads(target), pass_configs=dict(pass_configs))
-
-
-@functools.lru_cache(maxsize=None)
-def build_chunk_output(*, H: int, HV: int, K: int, V: int, in_dtype: str, normalize_q: bool, scale: float,
-                       block_v: int, threads: int, target: str, pass_configs: tuple = ()):
-    """Compile the chunk-parallel output kernel (no GPU needed). ``target`` is a JSON target string."""
-    import json
-
-    G = HV // H
-    gemm = gemm_for(in_dtype)
-    KP = -(-K // 64) * 64
-    acc = "float32"
-    st = in_dtype
-    TT = T.dynamic("TT")
-    NCT = T.dynamic("NCT")
-    NV = (V + block_v - 1) // block_v
-
-    @T.prim_func
-    def chunk_output(
-        q: T.Tensor([1, TT, H, K], in_dtype),
-        aqk: T.Tensor([1, TT, HV, C], st),
-        gcum: T.Tensor([1, TT, HV], "float32"),
-        rq: T.Tensor([1, TT, H], "float32"),
-        chunks: T.Tensor([NCT, 2], "int32"),
-        hs: T.Tensor([NCT, HV, K, V], st),
-        vn: T.Tensor([1, TT, HV, V], st),
-        o: T.Tensor([1, TT, HV, V], in_dtype),
-    ):
-        with T.Kernel(NV, NCT, HV, threads=threads) as (iv, ic, hv):
-            hk = hv // G
-            v0 = iv * block_v
-            t0 = chunks[ic, 0]
-            eos = chunks[ic, 1]
-
-            q_s = T.alloc_shared((C, KP), in_dtype)
-            a_s = T.alloc_shared((C, C), st)
-            h_s = T.alloc_shared((KP, block_v), st)
-            vn_s = T.alloc_shared((C, block_v), st)
-            gam_s = T.alloc_shared((C,), acc)
-            rq_s = T.alloc_shared((C,), acc)
-            o_f = T.alloc_fragment((C, block_v), acc)
-
-            # every load masked: rows past the sequence end belong to the next sequence (or lie past TT)
-            for i, d in T.Parallel(C, KP):
-                q_s[i, d] = T.if_then_else(t0 + i < eos and d < K, q[0, t0 + i, hk, d], T.cast(0, in_dtype))
-            for i, j in T.Parallel(C, C):
-                a_s[i, j] = T.if_then_else(t0 + i < eos, aqk[0, t0 + i, hv, j], T.cast(0, st))
-            for i, j in T.Parallel(KP, block_v):
-                h_s[i, j] = T.if_then_else(i < K and v0 + j < V, hs[ic, hv, i, v0 + j], T.cast(0, st))
-            for i, j in T.Parallel(C, block_v):
-                vn_s[i, j] = T.if_then_else(t0 + i < eos and v0 + j < V, vn[0, t0 + i, hv, v0 + j], T.cast(0, st))
-            for i in T.Parallel(C):
-                gam_s[i] = T.if_then_else(t0 + i < eos, gcum[0, t0 + i, hv], 0.0)
-                if normalize_q:
-                    rq_s[i] = T.if_then_else(t0 + i < eos, rq[0, t0 + i, hk], 0.0)
-
-            # O = diag(scale e^gamma / |q|) (Q S) + Aqk N
-            gemm(q_s, h_s, o_f, clear_accum=True)
-            for i, j in T.Parallel(C, block_v):
-                if normalize_q:
-                    o_f[i, j] = o_f[i, j] * (scale * rq_s[i] * T.exp2(gam_s[i] * LOG2E))
-                else:
-                    o_f[i, j] = o_f[i, j] * (scale * T.exp2(gam_s[i] * LOG2E))
-            gemm(a_s, vn_s, o_f)
-            T.copy(o_f, vn_s)                           # staged: row-contiguous vector stores to o
-            for i, j in T.Parallel(C, block_v):
-                if t0 + i < eos and v0 + j < V:
-                    o[0, t0 + i, hv, v0 + j] = vn_s[i, j]
-
-    return tilelang.compile(chunk_output, target=json.loads(target), pass_configs=dict(pass_configs))
 
 
 @functools.lru_cache(maxsize=None)
@@ -243,6 +159,7 @@ def build_chunk_dstates(*, H: int, HV: int, K: int, V: int, in_dtype: str, norma
     N = T.dynamic("N")
     NCT = T.dynamic("NCT")
     NV = (V + block_v - 1) // block_v
+    load_state, store_state = state_tile_io(K, KP, V, block_v)
     load = _row_tile_loader(K, KP)
 
     @T.prim_func
@@ -286,8 +203,7 @@ def build_chunk_dstates(*, H: int, HV: int, K: int, V: int, in_dtype: str, norma
             dn_f = T.alloc_fragment((C, block_v), acc)
 
             if use_dht:
-                for i, j in T.Parallel(KP, block_v):
-                    dh_f[i, j] = T.if_then_else(i < K and v0 + j < V, dht[n, hv, i, v0 + j], 0.0)
+                load_state(dht, n, hv, v0, dh_f)
             else:
                 T.clear(dh_f)
 
@@ -308,9 +224,7 @@ def build_chunk_dstates(*, H: int, HV: int, K: int, V: int, in_dtype: str, norma
                 nl = T.min(eos - t0, C) - 1
 
                 T.copy(dh_f, dh_s)
-                for i, j in T.Parallel(KP, block_v):        # the gradient at the state leaving this chunk
-                    if i < K and v0 + j < V:
-                        dhs[c0 + c, hv, i, v0 + j] = dh_s[i, j]
+                store_state(dh_s, dhs, c0 + c, hv, v0)        # the gradient at the state leaving this chunk
                 # dN = diag(e^{gamma_n - gamma} / r) K dS + Aqk^T dO   (rows past the end forced to 0)
                 gemm(k_s, dh_s, dn_f, clear_accum=True)
                 for i, j in T.Parallel(C, block_v):
@@ -336,8 +250,6 @@ def build_chunk_dstates(*, H: int, HV: int, K: int, V: int, in_dtype: str, norma
                 gemm(w_s, dn_s, dh_f, transpose_A=True)
 
             if store_dh0:
-                for i, j in T.Parallel(KP, block_v):
-                    if i < K and v0 + j < V:
-                        dh0[n, hv, i, v0 + j] = dh_f[i, j]
+                store_state(dh_f, dh0, n, hv, v0)
 
     return tilelang.compile(chunk_dstates, target=json.loads(target), pass_configs=dict(pass_configs))

@@ -1,23 +1,13 @@
-"""CPU tests of the experimental split second stage of the chunk forward (``KLA_TL_FWD=split``,
-:mod:`kla_tl.kernels.chunk_split`): the switch, the chunk-offset table, and (slow) both kernels building on every
-code path without spills, with the launcher's arguments matching their signatures. The numerics run on a GPU
-(tests/test_chunk_fwd_gpu.py runs its whole grid on the split variant too)."""
+"""CPU tests of the backward's state recurrences (:mod:`kla_tl.kernels.chunk_states`): the chunk-offset table, the
+schedule, (slow) both kernels building on every code path without spills with the launcher's arguments matching
+their signatures, and the state-gradient recurrence transcribed in float64 against the reference backward. The
+kernels' numerics run on a GPU (tests/test_chunk_fwd_gpu.py)."""
 
 import pytest
 import torch
 
 from kla_tl import chunk as CH
 from kla_tl.conventions import Problem
-
-
-def test_forward_variant_switch(monkeypatch):
-    monkeypatch.delenv(CH.FWD_ENV, raising=False)
-    assert CH.forward_variant() == "fused"
-    monkeypatch.setenv(CH.FWD_ENV, "split")
-    assert CH.forward_variant() == "split"
-    monkeypatch.setenv(CH.FWD_ENV, "fast")
-    with pytest.raises(ValueError, match=r"KLA_TL_FWD must be one of \('fused', 'split'\), got 'fast'"):
-        CH.forward_variant()
 
 
 def test_chunk_offsets_index_each_sequences_first_chunk(monkeypatch):
@@ -30,16 +20,18 @@ def test_chunk_offsets_index_each_sequences_first_chunk(monkeypatch):
     assert seqs.tolist() == [[0, 130], [130, 130], [130, 131], [131, 330]]
 
 
-def test_split_schedule_defaults():
-    assert CH.split_schedule("sm_90a", {"K": 128, "tiles": "many"}) == {"block_v": 64, "threads": 128}
-    assert CH.split_schedule("sm_80", {"K": 128, "tiles": "few"}) == {"block_v": 32, "threads": 128}
-    assert CH.split_schedule("sm_90a", {"K": 256, "tiles": "many"})["threads"] == 256
+def test_state_schedule_defaults():
+    assert CH.state_schedule("sm_90a", {"K": 128, "tiles": "many"}) == {"block_v": 64, "threads": 128}
+    assert CH.state_schedule("sm_80", {"K": 128, "tiles": "few"}) == {"block_v": 32, "threads": 128}
+    assert CH.state_schedule("sm_90a", {"K": 256, "tiles": "many"})["threads"] == 256
+    assert CH.state_schedule("sm_90a", {"K": 128, "tiles": "many", "dtype": "float32"}) == {"block_v": 32,
+                                                                                         "threads": 256}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", ["sm_90a", "sm_80", "sm_80_on_hopper"])
 @pytest.mark.parametrize("K,V", [(128, 128), (96, 192), (64, 64), (256, 256)])
-def test_split_kernels_build_without_spills_and_match_the_launcher(path, K, V, monkeypatch):
+def test_state_kernels_build_without_spills_and_match_the_launcher(path, K, V, monkeypatch):
     pytest.importorskip("tilelang")
     from kla_tl.kernels.resources import resource_report
 
@@ -47,9 +39,9 @@ def test_split_kernels_build_without_spills_and_match_the_launcher(path, K, V, m
     H, HV, B, T = 2, 4, 2, 100
     prob = Problem(B=B, T=T, H=H, HV=HV, K=K, V=V, N=B, dtype=torch.bfloat16, is_varlen=False, use_h0=True,
                    normalize_q=True)
-    states, output = CH.build_split_kernels(prob, arch, path == "sm_80_on_hopper", scale=K ** -0.5, use_h0=True)
+    states = CH.build_states_kernel(prob, arch, path == "sm_80_on_hopper", use_h0=True)
     dstates = CH.build_dstates_kernel(prob, arch, path == "sm_80_on_hopper", scale=K ** -0.5, use_dht=True)
-    for kern in (states, output, dstates):
+    for kern in (states, dstates):
         for name, r in resource_report(kern).items():
             assert r["spill_stores"] == 0 and r["spill_loads"] == 0, (name, r)
             assert r["dyn_smem"] <= 227 * 1024, (name, r)
@@ -58,11 +50,11 @@ def test_split_kernels_build_without_spills_and_match_the_launcher(path, K, V, m
          -torch.rand(B, T, HV), torch.rand(B, T, HV)]
     run = CH._Launch(*x, prob=prob, cu=None, initial_state=torch.zeros(B, HV, K, V))
     calls = []
-    run.split(lambda *a: calls.append(a), lambda *a: calls.append(a))
+    run.states(lambda *a: calls.append(a))
     run.dstates(lambda *a: calls.append(a), torch.randn(B, T, HV, V).bfloat16(), torch.randn(B, HV, K, V))
     dims = {"TT": B * T, "N": B, "NCT": run.chunks.shape[0]}
     attr = {id(t): n for n, t in vars(run).items() if isinstance(t, torch.Tensor)}
-    for kern, args in zip((states, output, dstates), calls):
+    for kern, args in zip((states, dstates), calls):
         f = kern.prim_func
         params = [p for p in f.params if p in f.buffer_map]
         assert len(params) == len(args)
@@ -74,7 +66,7 @@ def test_split_kernels_build_without_spills_and_match_the_launcher(path, K, V, m
 
 
 def _dstates_emulated(q, k, g, eta, do, dht, *, scale, eps=1e-6, C=64):
-    """float64 torch transcription of the recurrence :func:`kla_tl.kernels.chunk_split.build_chunk_dstates`
+    """float64 torch transcription of the recurrence :func:`kla_tl.kernels.chunk_states.build_chunk_dstates`
     implements (normalized form, raw q/k with their row scalings, GVA), one dense sequence per batch row."""
     B, T, H, K = q.shape
     HV = g.shape[2]
