@@ -97,6 +97,12 @@ def shipped_dir() -> Path:
     return Path(__file__).resolve().parent
 
 
+def _display(path: Path) -> str:
+    """How a schedule file is named in ``lookup``'s source string (and so in bench records): the shipped files as
+    ``schedules/<name>`` (the same on every machine), any other file by its path."""
+    return f"schedules/{path.name}" if path.resolve().parent == shipped_dir() else str(path)
+
+
 def search_dir() -> Path:
     """Where lookups read: ``$KLA_TL_SCHEDULES`` when set, else :func:`shipped_dir`."""
     env = os.environ.get(ENV_DIR, "")
@@ -329,8 +335,8 @@ def lookup(kernel: str, device, key: dict, *, arch: Optional[str] = None) -> tup
             another arch are skipped.
 
     Returns:
-        ``(schedule, source)``: a fresh dict of knob values, and ``"<file> [<kernel>/<bucket>]"`` or
-        ``"built-in default"``.
+        ``(schedule, source)``: a fresh dict of knob values, and ``"<file> [<kernel>/<bucket>]"`` (a shipped file
+        as ``schedules/<name>``) or ``"built-in default"``.
 
     Raises:
         ValueError: unknown kernel, or a malformed schedule file on the search path (naming file and field).
@@ -351,7 +357,7 @@ def lookup(kernel: str, device, key: dict, *, arch: Optional[str] = None) -> tup
             continue
         entry = doc["kernels"].get(kernel, {}).get(bucket)
         if entry is not None:
-            return dict(entry["schedule"]), f"{path} [{kernel}/{bucket}]"
+            return dict(entry["schedule"]), f"{_display(path)} [{kernel}/{bucket}]"
     _log.debug("%s: no entry for bucket %s (%s) in %s; using the built-in default", kernel, bucket, arch,
                [str(p) for p in files])
     return dict(spec.default(arch, key)), BUILTIN

@@ -133,6 +133,14 @@ def test_lookup_prefers_gpu_file_then_arch_file_then_default(sdir):
     assert sch["block"] == 64 and "sm90.json" in src
 
 
+def test_lookup_names_shipped_files_relative_to_the_package(monkeypatch):
+    """Records carry the source string: a shipped file is ``schedules/<name>`` wherever the package is installed."""
+    monkeypatch.delenv(schedules.ENV_DIR, raising=False)
+    shipped = schedules.shipped_dir() / "h100.json"
+    assert schedules._display(shipped) == "schedules/h100.json"
+    assert schedules._display(Path("/elsewhere/h100.json")) == str(Path("/elsewhere/h100.json"))
+
+
 def test_lookup_skips_files_of_another_arch(sdir):
     _write(sdir, "h100", _doc("h100", "sm_90a", {"N1024": _entry(256)}))
     _write(sdir, "sm80", _doc("sm80", "sm_80", {"N1024": _entry(128)}, tuned=False))
