@@ -1,14 +1,16 @@
-"""Orchestration of the chunkwise forward behind ``chunk_kla``: packing, launch tables, the two kernel launches.
-Autograd, and the choice between these kernels and the reference, live in :mod:`kla_tl.ops`.
+"""Orchestration of the chunkwise kernels behind ``chunk_kla``: packing, launch tables, the kernel launches of the
+forward and the backward. Autograd, and the choice between these kernels and the reference, live in
+:mod:`kla_tl.ops`.
 
 Every call is run in packed form (B = 1, TT tokens): a dense batch [B, T] is a varlen batch of B sequences of T
-tokens, so one kernel variant serves both. Stage 1 (:mod:`kla_tl.kernels.chunk_prepare`) runs over all chunks in
-parallel; stage 2 (:mod:`kla_tl.kernels.chunk_scan`) walks each sequence's chunks in order.
+tokens, so one kernel variant serves both. Forward (:func:`chunk_fwd`): stage 1 (:mod:`kla_tl.kernels.chunk_prepare`)
+runs over all chunks in parallel; stage 2 (:mod:`kla_tl.kernels.chunk_scan`) walks each sequence's chunks in order.
+Backward (:func:`chunk_bwd`): stage 1 again (recomputed, not stored), the two state recurrences
+(:mod:`kla_tl.kernels.chunk_states`: the state entering and the state gradient leaving every chunk), then the chunk
+gradients, chunk-parallel (:mod:`kla_tl.kernels.chunk_bwd_dqk`, :mod:`kla_tl.kernels.chunk_bwd_wy`).
 
 Environment: ``KLA_TL_ARCH=sm_80`` forces the Ampere code path on a Hopper GPU (built for sm_90a with wgmma, TMA and
-warp specialization disabled), so that path is tested on real hardware. The backward's state recurrences
-(:mod:`kla_tl.kernels.chunk_states`; experimental, not used by ``chunk_kla`` yet) launch through the same
-:class:`_Launch`.
+warp specialization disabled), so that path is tested on real hardware.
 """
 
 from __future__ import annotations
@@ -33,6 +35,20 @@ def chunk_refusal(prob: Problem, device: torch.device, *, needs_grad: bool) -> O
         return reason
     if prob.dtype == torch.float16:
         return "float16 inputs (the chunk kernels are built for bfloat16)"
+    return None
+
+
+#: Largest head dim K of the backward kernels (K = 256 needs K blocks in the chunk-gradient kernels).
+BWD_MAX_K = 128
+
+
+def chunk_bwd_refusal(prob: Problem, device: torch.device) -> Optional[str]:
+    """Why the TileLang backward kernels cannot serve this call, or None."""
+    reason = chunk_refusal(prob, device, needs_grad=True)
+    if reason is not None:
+        return reason
+    if prob.K > BWD_MAX_K:
+        return f"K={prob.K} (the backward kernels take K <= {BWD_MAX_K})"
     return None
 
 
@@ -156,6 +172,49 @@ class _Launch:
         kernel(self.q, self.k, self.w, self.aqk, self.gcum, self.rq, self.rk, self.do, self.seqs, self.coff, self.dht,
                self.dhs, self.dvn, self.dh0)
 
+    def bwd_dqk(self, kernel) -> None:
+        """The output/state-update half of the chunk gradients (:func:`build_bwd_dqk_kernel`) after :meth:`states`
+        (hs, vn) and :meth:`dstates` (dhs, dvn, do): keeps ``dq`` [1, TT, HV, K] (per value head: q's dtype without
+        GVA, fp32 with it), fp32 ``dkh`` (without the WY part), ``dw`` [1, TT, HV, K] and ``dga`` [1, TT, HV] (dg
+        without the WY part)."""
+        TT, HV, K = self.q.shape[1], self.w.shape[2], self.w.shape[3]
+        f32 = dict(dtype=torch.float32, device=self.q.device)
+        self.dq = torch.empty(1, TT, HV, K, dtype=_group_dtype(self.q.dtype, self.q.shape[2], HV), device=self.q.device)
+        self.dkh, self.dw = (torch.empty(1, TT, HV, K, **f32) for _ in range(2))
+        self.dga = torch.empty(1, TT, HV, **f32)
+        if self.chunks.shape[0] > 0:
+            kernel(self.q, self.k, self.vn, self.do, self.dvn, self.hs, self.dhs, self.aqk, self.gcum, self.rq,
+                   self.rk, self.chunks, self.dq, self.dkh, self.dw, self.dga)
+
+    def bwd_wy(self, kernel) -> None:
+        """The WY half of the chunk gradients and the finish of dk, dv, dg, deta (:func:`build_bwd_wy_kernel`) after
+        :meth:`bwd_dqk`: keeps ``dk`` [1, TT, HV, K] (per value head, dtype as ``dq``), ``dv`` [1, TT, HV, V] (v's
+        dtype) and fp32 ``dg``, ``deta`` [1, TT, HV]."""
+        TT, HV, K = self.q.shape[1], self.w.shape[2], self.w.shape[3]
+        f32 = dict(dtype=torch.float32, device=self.q.device)
+        self.dk = torch.empty(1, TT, HV, K, dtype=_group_dtype(self.k.dtype, self.k.shape[2], HV), device=self.q.device)
+        self.dv = torch.empty(self.u.shape, dtype=self.v.dtype, device=self.q.device)
+        self.dg, self.deta = (torch.empty(self.dga.shape, **f32) for _ in range(2))
+        if self.chunks.shape[0] > 0:
+            kernel(self.k, self.v, self.g, self.eta, self.vn, self.dvn, self.gcum, self.rk, self.chunks, self.dw,
+                   self.dkh, self.dga, self.dk, self.dv, self.dg, self.deta)
+
+    def bwd_grads(self) -> dict:
+        """The gradients after :meth:`bwd_wy`: dq and dk summed over each GVA group (in fp32, then the input
+        dtype). Returns ``{"dq", "dk" [1, TT, H, K], "dv" [1, TT, HV, V], "dg", "deta" [1, TT, HV] fp32, "dh0"}``."""
+        TT, H, HV, K = self.q.shape[1], self.q.shape[2], self.w.shape[2], self.w.shape[3]
+        dq, dk = self.dq, self.dk
+        if HV != H:
+            dq = dq.view(1, TT, H, HV // H, K).sum(3).to(self.q.dtype)
+            dk = dk.view(1, TT, H, HV // H, K).sum(3).to(self.k.dtype)
+        return {"dq": dq, "dk": dk, "dv": self.dv, "dg": self.dg, "deta": self.deta, "dh0": self.dh0}
+
+
+def _group_dtype(dtype: torch.dtype, H: int, HV: int) -> torch.dtype:
+    """Dtype of the per-value-head dq / dk the backward kernels write: the input's without GVA (no group sum
+    follows), fp32 with it (the group is summed in fp32, then rounded once)."""
+    return dtype if H == HV else torch.float32
+
 
 def state_schedule(arch: str, key: dict) -> dict:
     """Untuned schedule of the state recurrences: 64 state columns per CTA (32 with few tiles or float32), 256
@@ -196,6 +255,41 @@ def build_dstates_kernel(prob: Problem, arch: str, on_hopper: bool, *, scale: fl
                                **_state_kernel_args(prob, arch, on_hopper, use_h0=False))
 
 
+def _bwd_kernel_args(prob: Problem, arch: str, on_hopper: bool) -> dict:
+    """Builder arguments shared by the two chunk-gradient kernels: dims, dtype, schedule, target, pass configs."""
+    import json
+
+    from .kernels.registry import target_for
+
+    dtype = str(prob.dtype).replace("torch.", "")
+    target, pcs = target_for(arch, on_hopper)
+    pcs = dict(pcs, **{"tl.disable_warp_specialized": True})
+    return dict(H=prob.H, HV=prob.HV, K=prob.K, V=prob.V, in_dtype=dtype,
+                block_v=32 if dtype == "float32" else 64, threads=512,
+                target=json.dumps(target, sort_keys=True), pass_configs=tuple(sorted(pcs.items())))
+
+
+def _grad_dtype_name(prob: Problem) -> str:
+    return str(_group_dtype(prob.dtype, prob.H, prob.HV)).replace("torch.", "")
+
+
+def build_bwd_dqk_kernel(prob: Problem, arch: str, on_hopper: bool, *, scale: float):
+    """Compiled output/state-update half of the backward's chunk gradients (:mod:`kla_tl.kernels.chunk_bwd_dqk`);
+    no GPU needed."""
+    from .kernels.chunk_bwd_dqk import build_chunk_bwd_dqk
+
+    return build_chunk_bwd_dqk(normalize_q=prob.normalize_q, scale=scale, dq_dtype=_grad_dtype_name(prob),
+                               **_bwd_kernel_args(prob, arch, on_hopper))
+
+
+def build_bwd_wy_kernel(prob: Problem, arch: str, on_hopper: bool, *, eps: float):
+    """Compiled WY half of the backward's chunk gradients with the finish of dk, dv, dg, deta
+    (:mod:`kla_tl.kernels.chunk_bwd_wy`); no GPU needed."""
+    from .kernels.chunk_bwd_wy import build_chunk_bwd_wy
+
+    return build_chunk_bwd_wy(eps=eps, dk_dtype=_grad_dtype_name(prob), **_bwd_kernel_args(prob, arch, on_hopper))
+
+
 def chunk_fwd(q, k, v, g, eta, *, prob: Problem, cu, scale, eps, normalize_q, initial_state, output_final_state):
     """Run the two forward kernels; returns (o [B, T, HV, V], final_state [N, HV, K, V] fp32 or None)."""
     device = q.device
@@ -216,6 +310,36 @@ def chunk_fwd(q, k, v, g, eta, *, prob: Problem, cu, scale, eps, normalize_q, in
     run.prepare(prep)
     run.scan(scan)
     return run.o.reshape(B, T, HV, V), (run.ht if output_final_state else None)
+
+
+def chunk_bwd(q, k, v, g, eta, do, dht, *, prob: Problem, cu, scale, eps, normalize_q, initial_state) -> dict:
+    """The backward kernels: gradients of q, k, v, g, eta and initial_state as a dict (``dh0`` None without
+    initial_state), each in its input's shape and dtype.
+
+    Recomputes the forward's chunk intermediates (chunk_prepare), then: the states entering every chunk
+    (chunk_states), the state gradients leaving every chunk (chunk_dstates), the chunk gradients in two kernels
+    (chunk_bwd_dqk, chunk_bwd_wy) and, with GVA, one sum of dq and dk over each group. The per-chunk states and
+    state gradients are stored ([NC, HV, K, V] each, in the input dtype), as fla does."""
+    B, T, H, HV, K, V = prob.B, prob.T, prob.H, prob.HV, prob.K, prob.V
+    if B * T == 0:
+        dh0 = None
+        if initial_state is not None:
+            dh0 = (dht.to(initial_state.dtype).clone() if dht is not None else torch.zeros_like(initial_state))
+        grads = {n: torch.zeros_like(x) for n, x in (("dq", q), ("dk", k), ("dv", v), ("dg", g), ("deta", eta))}
+        return dict(grads, dh0=dh0)
+    arch, on_hopper = select_arch(q.device)
+    prep, _ = build_kernels(prob, arch, on_hopper, scale=scale, eps=eps, use_h0=initial_state is not None,
+                            device=q.device)
+    run = _Launch(q, k, v, g, eta, prob=prob, cu=cu, initial_state=initial_state)
+    run.prepare(prep)
+    run.states(build_states_kernel(prob, arch, on_hopper, use_h0=initial_state is not None))
+    run.dstates(build_dstates_kernel(prob, arch, on_hopper, scale=scale, use_dht=dht is not None), do, dht)
+    run.bwd_dqk(build_bwd_dqk_kernel(prob, arch, on_hopper, scale=scale))
+    run.bwd_wy(build_bwd_wy_kernel(prob, arch, on_hopper, eps=eps))
+    gr = run.bwd_grads()
+    return {"dq": gr["dq"].view(B, T, H, K), "dk": gr["dk"].view(B, T, H, K), "dv": gr["dv"].view(B, T, HV, V),
+            "dg": gr["dg"].view(B, T, HV).to(g.dtype), "deta": gr["deta"].view(B, T, HV).to(eta.dtype),
+            "dh0": None if initial_state is None else gr["dh0"].to(initial_state.dtype)}
 
 
 # ------------------------------------------------------------------------------------------- autotune bench hooks

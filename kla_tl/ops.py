@@ -7,10 +7,11 @@ tensors, so nothing inside it is ever traced:
 - ``kla_tl::chunk_fwd`` -- the forward. CUDA tensors of a problem the kernels serve run the TileLang kernels
   (:func:`kla_tl.chunk.chunk_fwd`); everything else runs :func:`kla_tl.reference.chunk_kla_reference` (a CUDA
   call that falls back warns once).
-- ``kla_tl::chunk_bwd`` -- the backward: gradients of q, k, v, g, eta and initial_state. On every device it runs the
-  chunk-parallel torch backward (:func:`kla_tl.chunk_bwd.chunk_kla_torch_bwd`: only the two state recurrences loop
-  over chunks, one batched GEMM per step), in float32 (float64 for float64 inputs). It is plain torch, not TileLang
-  kernels yet; those slot in behind the same signature, stage by stage. The per-chunk loop
+- ``kla_tl::chunk_bwd`` -- the backward: gradients of q, k, v, g, eta and initial_state. CUDA tensors of a problem
+  the backward kernels serve (:func:`kla_tl.chunk.chunk_bwd_refusal`) run the TileLang backward
+  (:func:`kla_tl.chunk.chunk_bwd`); everything else runs the chunk-parallel torch backward
+  (:func:`kla_tl.chunk_bwd.chunk_kla_torch_bwd`: only the two state recurrences loop over chunks, one batched GEMM
+  per step), in float32 (float64 for float64 inputs); a CUDA call that falls back warns once. The per-chunk loop
   (:mod:`kla_tl.reference_bwd`) stays as the oracle of the tests.
 
 Each has a fake (meta) implementation that derives output shapes and dtypes from input metadata alone, and
@@ -124,15 +125,25 @@ def chunk_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Ten
     Returns:
         Each gradient in its input's shape and dtype, dense; dh0 is the empty placeholder without initial_state.
 
-    Today: :func:`kla_tl.chunk_bwd.chunk_kla_torch_bwd`, the backward of KLA.md section 6 in plain torch, batched
-    over all chunks except for the two state sweeps (float32 arithmetic, float64 for float64 inputs); it equals the
-    per-chunk loop :func:`kla_tl.reference_bwd.chunk_kla_reference_bwd`. No TileLang backward kernel yet: a CUDA
-    call warns once that it runs in torch.
+    CUDA tensors of a problem the backward kernels serve run them (:func:`kla_tl.chunk.chunk_bwd`); everything
+    else runs :func:`kla_tl.chunk_bwd.chunk_kla_torch_bwd`, the backward of KLA.md section 6 in plain torch, batched
+    over all chunks except for the two state sweeps (float32 arithmetic, float64 for float64 inputs; it equals the
+    per-chunk loop :func:`kla_tl.reference_bwd.chunk_kla_reference_bwd`). A CUDA call that falls back warns once,
+    naming the reason.
     """
-    if q.device.type == "cuda":
-        dispatch.warn_once(FN, "backward runs the chunk-parallel torch backward (no TileLang backward kernel yet)")
-    gr = chunk_kla_torch_bwd(q, k, v, g, eta, do, dht=dht, scale=scale, eps=eps, normalize_q=normalize_q,
-                             initial_state=initial_state, cu_seqlens=cu_seqlens)
+    prob, cu = check_inputs(FN, q, k, v, g, eta, scale=scale, eps=eps, normalize_q=normalize_q,
+                            initial_state=initial_state, cu_seqlens=cu_seqlens)
+    from .chunk import chunk_bwd as kernel_bwd, chunk_bwd_refusal
+
+    reason = chunk_bwd_refusal(prob, q.device)
+    if reason is None:
+        gr = kernel_bwd(q, k, v, g, eta, do, dht, prob=prob, cu=cu, scale=scale, eps=eps, normalize_q=normalize_q,
+                        initial_state=initial_state)
+    else:
+        if q.device.type == "cuda":
+            dispatch.warn_once(FN, f"backward: {reason}; runs the chunk-parallel torch backward")
+        gr = chunk_kla_torch_bwd(q, k, v, g, eta, do, dht=dht, scale=scale, eps=eps, normalize_q=normalize_q,
+                                 initial_state=initial_state, cu_seqlens=cu_seqlens)
     # Outputs must be fresh, dense tensors that alias no input (dh0 is dht itself when no chunk runs).
     cots = tuple(c for c in (do, dht) if c is not None)
 

@@ -205,3 +205,20 @@ def test_rejects_bad_chunk_size():
     x = make_inputs(1, 4, 1, 1, 4, 4, F64)
     with pytest.raises(ValueError):
         chunk_kla_torch_bwd(*x.args(), torch.zeros(1, 4, 1, 4, dtype=F64), chunk_size=0)
+
+
+def test_backward_kernel_refusals_name_the_reason(monkeypatch):
+    """``chunk_bwd_refusal``: the device off CUDA; on a device the kernels serve, float16 and K above the backward
+    kernels' limit (those calls run this torch backward, with a warning)."""
+    from kla_tl import chunk as CH, dispatch
+    from kla_tl.conventions import Problem
+
+    def prob(K=128, dtype=torch.bfloat16):
+        return Problem(B=1, T=64, H=2, HV=2, K=K, V=128, N=1, dtype=dtype, is_varlen=False, use_h0=False,
+                       normalize_q=True)
+
+    assert "device cpu" in CH.chunk_bwd_refusal(prob(), torch.device("cpu"))
+    monkeypatch.setattr(dispatch, "common_refusal", lambda p, d: None)       # as if on a GPU the kernels serve
+    assert CH.chunk_bwd_refusal(prob(), torch.device("cpu")) is None
+    assert "float16" in CH.chunk_bwd_refusal(prob(dtype=torch.float16), torch.device("cpu"))
+    assert f"K <= {CH.BWD_MAX_K}" in CH.chunk_bwd_refusal(prob(K=256), torch.device("cpu"))

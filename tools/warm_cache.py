@@ -14,7 +14,8 @@ import time
 
 import torch
 
-from kla_tl.chunk import build_dstates_kernel, build_kernels, build_states_kernel
+from kla_tl.chunk import (build_bwd_dqk_kernel, build_bwd_wy_kernel, build_dstates_kernel, build_kernels,
+                          build_states_kernel)
 from kla_tl.conventions import Problem
 
 #: (B, T, H, HV, K, V, dtype, normalize_q, use_h0, N): the problems of tests/test_chunk_fwd_gpu.py and of the
@@ -31,6 +32,10 @@ CASES = [
     # the state-kernel tests (varlen, 3 sequences) and the KLAttention layer tests (MQAR and GVA dims)
     (1, 330, 2, 4, 128, 128, torch.bfloat16, True, True, 3),
     (1, 330, 2, 4, 96, 192, torch.bfloat16, True, True, 3),
+    (1, 330, 2, 4, 64, 64, torch.bfloat16, True, True, 3),
+    (1, 330, 2, 4, 128, 128, torch.bfloat16, False, True, 3),
+    (1, 330, 2, 4, 96, 192, torch.bfloat16, False, True, 3),
+    (1, 330, 2, 4, 64, 64, torch.bfloat16, False, True, 3),
     (2, 200, 4, 4, 48, 96, torch.bfloat16, True, False, 2),
     (2, 200, 4, 4, 48, 96, torch.bfloat16, True, True, 2),
     (2, 200, 2, 4, 96, 192, torch.bfloat16, True, False, 2),
@@ -85,8 +90,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--suite", help="also build the chunk problems of this kla-tl bench suite (quick, full)")
     ap.add_argument("--states", action="store_true",
-                    help="also build the backward's two state recurrences (kla_tl.kernels.chunk_states) of every "
-                         "problem")
+                    help="also build the backward's state recurrences (kla_tl.kernels.chunk_states) and (K <= 128) "
+                         "its chunk-gradient kernels of every problem")
     args = ap.parse_args()
     cases = CASES + (suite_cases(args.suite) if args.suite else [])
     t_all = time.time()
@@ -99,7 +104,11 @@ def main() -> int:
                 build_kernels(prob, arch, on_hopper, scale=K ** -0.5, eps=1e-6, use_h0=h0)
                 if args.states:
                     build_states_kernel(prob, arch, on_hopper, use_h0=h0)
-                    build_dstates_kernel(prob, arch, on_hopper, scale=K ** -0.5, use_dht=True)
+                    for dht in (True, False):
+                        build_dstates_kernel(prob, arch, on_hopper, scale=K ** -0.5, use_dht=dht)
+                    if K <= 128:
+                        build_bwd_dqk_kernel(prob, arch, on_hopper, scale=K ** -0.5)
+                        build_bwd_wy_kernel(prob, arch, on_hopper, eps=1e-6)
             except Exception as e:  # report and go on: one failing build must not hide the others
                 print(f"FAILED {arch} K={K} V={V}: {type(e).__name__}: {str(e).splitlines()[-1][:200]}")
                 continue

@@ -181,11 +181,15 @@ class KlaTl(Impl):
                                            normalize_q=case.normalize_q, out=x.get("out"))
                 reason = decode_refusal(prob, device, x["state"])
             else:
-                from kla_tl.chunk import chunk_refusal
+                from kla_tl.chunk import chunk_bwd_refusal, chunk_refusal
                 x = inputs
                 prob, _ = check_inputs("bench", x["q"], x["k"], x["v"], x["g"], x["eta"],
                                        normalize_q=case.normalize_q, cu_seqlens=x.get("cu_seqlens"))
-                reason = chunk_refusal(prob, device, needs_grad=case.op == "chunk_fwdbwd")
+                reason = chunk_refusal(prob, device, needs_grad=False)
+                if reason is None and case.op == "chunk_fwdbwd":
+                    reason = chunk_bwd_refusal(prob, device)
+                    if reason is not None:
+                        return f"kernels forward, torch backward: {reason}"
         return "kernels" if reason is None else f"reference: {reason}"
 
 

@@ -92,3 +92,61 @@ def state_tile_io(K: int, KP: int, V: int, block_v: int):
                 dst[row, hv, i, v0 + j] = src[i, j]
 
     return load, store
+
+
+def unit_lower_inverse():
+    """Macro ``inverse(a_s, lb_s, lcol, part)``: ``lb_s = (I + a_s)^-1`` for a strictly lower ``[C, C]`` fp32 shared
+    tile ``a_s``, by forward substitution. Columns are independent: thread j < C owns column j in registers
+    (``lcol``, local ``[C]``), L[i, j] = [i == j] - sum_{m < i} A[i, m] L[m, j] (zero above the diagonal by
+    induction). Fully unrolled (register indices are compile-time, A[i, m] is a shared-memory broadcast), with four
+    partial sums (``part``, local ``[4]``) so the FMA chain is not one long dependency."""
+    import tilelang.language as T
+
+    @T.macro
+    def inverse(a_s, lb_s, lcol, part):
+        n = a_s.shape[0]
+        tx = T.get_thread_binding()
+        if tx < n:
+            T.clear(lcol)
+            for i in T.unroll(n):
+                for p in T.unroll(4):
+                    part[p] = 0.0
+                for m in T.unroll(n):
+                    if m < i:
+                        part[m % 4] = part[m % 4] + a_s[i, m] * lcol[m]
+                lcol[i] = T.if_then_else(i == tx, 1.0, 0.0) - ((part[0] + part[1]) + (part[2] + part[3]))
+            for i in T.unroll(n):
+                lb_s[i, tx] = lcol[i]
+
+    return inverse
+
+
+def split_pair_sum():
+    """Macro ``pair_sum(z_s, z_f, r_f, a_s, b_s)``: ``b_s[r] = sum_{i >= r > j} z_s[i, j]`` for an ``[n, n]`` fp32
+    shared tile (its diagonal and upper part are ignored): the sum over the pairs a chunk boundary before row r
+    splits, the shape of every dg term through a decay difference gamma_i - gamma_j. Computed as the exclusive
+    prefix sum over m < r of (column sum - row sum) of the strictly lower part (f(r + 1) - f(r) = col_r - row_r),
+    O(n^2) instead of an [n, n] x [n, n] product. ``z_f`` is an ``[n, n]`` fp32 fragment, ``r_f`` an ``[n]`` fp32
+    fragment, ``a_s`` an ``[n]`` fp32 shared scratch. Row and column sums are both taken as row reductions (the
+    column sums from the transposed read) and meet only through shared memory."""
+    import tilelang.language as T
+
+    @T.macro
+    def pair_sum(z_s, z_f, r_f, a_s, b_s):
+        n = z_s.shape[0]
+        for i, j in T.Parallel(n, n):
+            z_f[i, j] = T.if_then_else(i > j, z_s[i, j], 0.0)
+        T.reduce_sum(z_f, r_f, dim=1)
+        for i in T.Parallel(n):
+            a_s[i] = r_f[i]
+        for i, j in T.Parallel(n, n):
+            z_f[i, j] = T.if_then_else(j > i, z_s[j, i], 0.0)
+        T.reduce_sum(z_f, r_f, dim=1)
+        for i in T.Parallel(n):
+            a_s[i] = r_f[i] - a_s[i]
+        T.copy(a_s, b_s)
+        T.cumsum(b_s, dim=0)
+        for i in T.Parallel(n):
+            b_s[i] = b_s[i] - a_s[i]
+
+    return pair_sum

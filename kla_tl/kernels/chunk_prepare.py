@@ -28,7 +28,7 @@ import functools
 import tilelang
 import tilelang.language as T
 
-from ._tl import G_FLOOR, LOG2E, gemm_for, lean_prepare
+from ._tl import G_FLOOR, LOG2E, gemm_for, lean_prepare, unit_lower_inverse
 
 #: Chunk length (fixed: the solve and the tiles are built for 64 rows).
 C = 64
@@ -42,6 +42,7 @@ def build_chunk_prepare(*, H: int, HV: int, K: int, V: int, in_dtype: str, norma
 
     G = HV // H
     gemm = gemm_for(in_dtype)
+    inverse = unit_lower_inverse()
     KP = -(-K // 64) * 64          # K padded to the wgmma/mma tile (K = 48, 96 -> 64, 128); pad columns are zeros
     acc = "float32"
     st = in_dtype
@@ -166,22 +167,8 @@ def build_chunk_prepare(*, H: int, HV: int, K: int, V: int, in_dtype: str, norma
                 if t0 + i < eos:
                     aqk[0, t0 + i, hv, j] = lb_s[i, j]
 
-            # L = (I + A)^-1 by forward substitution. Columns are independent: thread j < C owns column j in
-            # registers, L[i, j] = [i == j] - sum_{m < i} A[i, m] L[m, j] (zero above the diagonal by induction).
-            # Fully unrolled (register indices are compile-time, A[i, m] is a shared-memory broadcast), with four
-            # partial sums so the FMA chain is not one long dependency; the big fragments above are dead here.
-            tx = T.get_thread_binding()
-            if tx < C:
-                T.clear(lcol)
-                for i in T.unroll(C):
-                    for p in T.unroll(4):
-                        part[p] = 0.0
-                    for m in T.unroll(C):
-                        if m < i:
-                            part[m % 4] = part[m % 4] + a_s[i, m] * lcol[m]
-                    lcol[i] = T.if_then_else(i == tx, 1.0, 0.0) - ((part[0] + part[1]) + (part[2] + part[3]))
-                for i in T.unroll(C):
-                    lb_s[i, tx] = lcol[i]
+            # L = (I + A)^-1 by forward substitution in registers (the big fragments above are dead here)
+            inverse(a_s, lb_s, lcol, part)
 
             if not lean:
                 # W = L Y,  U = L X  (staged through the now free Y, X tiles)
