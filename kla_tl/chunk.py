@@ -7,7 +7,7 @@ tokens, so one kernel variant serves both. Forward (:func:`chunk_fwd`): stage 1 
 runs over all chunks in parallel; stage 2 (:mod:`kla_tl.kernels.chunk_scan`) walks each sequence's chunks in order.
 Backward (:func:`chunk_bwd`): stage 1 again (recomputed, not stored), the two state recurrences
 (:mod:`kla_tl.kernels.chunk_states`: the state entering and the state gradient leaving every chunk), then the chunk
-gradients, chunk-parallel (:mod:`kla_tl.kernels.chunk_bwd_dqk`, :mod:`kla_tl.kernels.chunk_bwd_wy`).
+gradients, chunk-parallel (:mod:`kla_tl.kernels.chunk_bwd_grads`).
 
 Environment: ``KLA_TL_ARCH=sm_80`` forces the Ampere code path on a Hopper GPU (built for sm_90a with wgmma, TMA and
 warp specialization disabled), so that path is tested on real hardware.
@@ -158,62 +158,44 @@ class _Launch:
         self.hs = torch.empty(NC, HV, K, V, dtype=self.w.dtype, device=self.w.device)
         self.vn = torch.empty_like(self.u)
         kernel(self.k, self.w, self.u, self.gcum, self.rk, self.seqs, self.coff, self.h0, self.hs, self.vn, self.ht)
+        self.u = None                                  # not needed by the later stages: free it before they run
 
-    def dstates(self, kernel, do: torch.Tensor, dht: Optional[torch.Tensor]) -> None:
-        """The backward's reverse state-gradient recurrence (:func:`build_dstates_kernel`) after :meth:`prepare`: keeps ``dhs`` (gradient at the state leaving every chunk), ``dvn``
-        (gradient of N) and ``dh0`` on the object."""
+    def dstates(self, kernel, do: torch.Tensor, dht: Optional[torch.Tensor], zparts: int) -> None:
+        """The backward's reverse state-gradient recurrence (:func:`build_dstates_kernel`) after :meth:`states`:
+        keeps ``dhs`` (gradient at the state leaving every chunk), ``dvn`` (gradient of N, input dtype), ``zp``
+        ([zparts, TT, HV] fp32, dg's state-update term by column block) and ``dh0`` on the object."""
         NC, TT = self.chunks.shape[0], self.q.shape[1]
-        HV, K, V = self.w.shape[2], self.w.shape[3], self.u.shape[3]
+        HV, K, V = self.w.shape[2], self.w.shape[3], self.vn.shape[3]
         self.dhs = torch.empty(NC, HV, K, V, dtype=self.w.dtype, device=self.w.device)
-        self.dvn = torch.empty_like(self.u)
+        self.dvn = torch.empty(self.vn.shape, dtype=self.w.dtype, device=self.w.device)
+        self.zp = torch.empty(zparts, TT, HV, dtype=torch.float32, device=self.w.device)
         self.dh0 = torch.empty_like(self.ht)
         self.do = do.reshape(1, TT, HV, V).to(self.q.dtype).contiguous()
         self.dht = dht.to(torch.float32).contiguous() if dht is not None else self.dh0
         kernel(self.q, self.k, self.w, self.aqk, self.gcum, self.rq, self.rk, self.do, self.seqs, self.coff, self.dht,
-               self.dhs, self.dvn, self.dh0)
+               self.vn, self.dhs, self.dvn, self.dh0, self.zp)
+        self.w = None
 
-    def bwd_dqk(self, kernel) -> None:
-        """The output/state-update half of the chunk gradients (:func:`build_bwd_dqk_kernel`) after :meth:`states`
-        (hs, vn) and :meth:`dstates` (dhs, dvn, do): keeps ``dq`` [1, TT, HV, K] (per value head: q's dtype without
-        GVA, fp32 with it), fp32 ``dkh`` (without the WY part), ``dw`` [1, TT, HV, K] and ``dga`` [1, TT, HV] (dg
-        without the WY part)."""
-        TT, HV, K = self.q.shape[1], self.w.shape[2], self.w.shape[3]
-        f32 = dict(dtype=torch.float32, device=self.q.device)
-        self.dq = torch.empty(1, TT, HV, K, dtype=_group_dtype(self.q.dtype, self.q.shape[2], HV), device=self.q.device)
-        self.dkh, self.dw = (torch.empty(1, TT, HV, K, **f32) for _ in range(2))
-        self.dga = torch.empty(1, TT, HV, **f32)
+    def grads(self, kernel, fused: bool) -> dict:
+        """The chunk gradients (:func:`build_bwd_grads_kernel`) after :meth:`dstates`. ``fused``: the kernel sums
+        each GVA group itself (dq, dk [1, TT, H, K] in the input dtype); else it writes them per value head in fp32
+        and they are summed here. Returns ``{"dq", "dk" [1, TT, H, K], "dv" [1, TT, HV, V], "dg", "deta"
+        [1, TT, HV] fp32, "dh0"}``."""
+        TT, H, HV, K = self.q.shape[1], self.q.shape[2], self.dhs.shape[1], self.dhs.shape[2]
+        per_head = not fused and HV != H
+        oh, odt = (HV, torch.float32) if per_head else (H, self.q.dtype)
+        self.dq = torch.empty(1, TT, oh, K, dtype=odt, device=self.q.device)
+        self.dk = torch.empty(1, TT, oh, K, dtype=odt, device=self.q.device)
+        self.dv = torch.empty(self.vn.shape, dtype=self.v.dtype, device=self.q.device)
+        self.dg, self.deta = (torch.empty(1, TT, HV, dtype=torch.float32, device=self.q.device) for _ in range(2))
         if self.chunks.shape[0] > 0:
-            kernel(self.q, self.k, self.vn, self.do, self.dvn, self.hs, self.dhs, self.aqk, self.gcum, self.rq,
-                   self.rk, self.chunks, self.dq, self.dkh, self.dw, self.dga)
-
-    def bwd_wy(self, kernel) -> None:
-        """The WY half of the chunk gradients and the finish of dk, dv, dg, deta (:func:`build_bwd_wy_kernel`) after
-        :meth:`bwd_dqk`: keeps ``dk`` [1, TT, HV, K] (per value head, dtype as ``dq``), ``dv`` [1, TT, HV, V] (v's
-        dtype) and fp32 ``dg``, ``deta`` [1, TT, HV]."""
-        TT, HV, K = self.q.shape[1], self.w.shape[2], self.w.shape[3]
-        f32 = dict(dtype=torch.float32, device=self.q.device)
-        self.dk = torch.empty(1, TT, HV, K, dtype=_group_dtype(self.k.dtype, self.k.shape[2], HV), device=self.q.device)
-        self.dv = torch.empty(self.u.shape, dtype=self.v.dtype, device=self.q.device)
-        self.dg, self.deta = (torch.empty(self.dga.shape, **f32) for _ in range(2))
-        if self.chunks.shape[0] > 0:
-            kernel(self.k, self.v, self.g, self.eta, self.vn, self.dvn, self.gcum, self.rk, self.chunks, self.dw,
-                   self.dkh, self.dga, self.dk, self.dv, self.dg, self.deta)
-
-    def bwd_grads(self) -> dict:
-        """The gradients after :meth:`bwd_wy`: dq and dk summed over each GVA group (in fp32, then the input
-        dtype). Returns ``{"dq", "dk" [1, TT, H, K], "dv" [1, TT, HV, V], "dg", "deta" [1, TT, HV] fp32, "dh0"}``."""
-        TT, H, HV, K = self.q.shape[1], self.q.shape[2], self.w.shape[2], self.w.shape[3]
-        dq, dk = self.dq, self.dk
-        if HV != H:
+            kernel(self.q, self.k, self.v, self.g, self.eta, self.vn, self.do, self.dvn, self.hs, self.dhs, self.aqk,
+                   self.gcum, self.rq, self.rk, self.zp, self.chunks, self.dq, self.dk, self.dv, self.dg, self.deta)
+        dq, dk, dv, dg, deta = self.dq, self.dk, self.dv, self.dg, self.deta
+        if per_head:
             dq = dq.view(1, TT, H, HV // H, K).sum(3).to(self.q.dtype)
             dk = dk.view(1, TT, H, HV // H, K).sum(3).to(self.k.dtype)
-        return {"dq": dq, "dk": dk, "dv": self.dv, "dg": self.dg, "deta": self.deta, "dh0": self.dh0}
-
-
-def _group_dtype(dtype: torch.dtype, H: int, HV: int) -> torch.dtype:
-    """Dtype of the per-value-head dq / dk the backward kernels write: the input's without GVA (no group sum
-    follows), fp32 with it (the group is summed in fp32, then rounded once)."""
-    return dtype if H == HV else torch.float32
+        return {"dq": dq, "dk": dk, "dv": dv, "dg": dg, "deta": deta, "dh0": self.dh0}
 
 
 def state_schedule(arch: str, key: dict) -> dict:
@@ -239,55 +221,71 @@ def _state_kernel_args(prob: Problem, arch: str, on_hopper: bool, *, use_h0: boo
                 pass_configs=tuple(sorted(pcs.items())))
 
 
+def n_dtype_name(prob: Problem) -> str:
+    """Dtype of the backward's u and N (``vn``): fp32 (see :mod:`kla_tl.kernels.chunk_prepare`, ``u_dtype``)."""
+    return "float32"
+
+
+def zparts(prob: Problem, arch: str) -> int:
+    """Column blocks of the state-gradient kernel (its dg term ``zp`` comes in that many parts)."""
+    key = problem_key(prob, use_h0=False, store_ht=True)
+    return -(-prob.V // state_schedule(arch, key)["block_v"])
+
+
+def build_bwd_prepare_kernel(prob: Problem, arch: str, on_hopper: bool, *, scale: float, eps: float, device=None):
+    """The forward's chunk_prepare (same schedule) writing u in fp32, for the backward; no GPU needed."""
+    from .kernels.chunk_fwd import PREPARE
+
+    key = problem_key(prob, use_h0=prob.use_h0, store_ht=True)
+    return PREPARE.build(arch, key, _schedule(PREPARE, arch, key, device), run_on_hopper=on_hopper, scale=scale,
+                         eps=eps, u_dtype=n_dtype_name(prob))
+
+
 def build_states_kernel(prob: Problem, arch: str, on_hopper: bool, *, use_h0: bool):
     """Compiled state recurrence storing the state entering every chunk (the backward's first sweep); no GPU
     needed."""
     from .kernels.chunk_states import build_chunk_states
 
-    return build_chunk_states(use_h0=use_h0, store_ht=True, **_state_kernel_args(prob, arch, on_hopper, use_h0=use_h0))
+    return build_chunk_states(use_h0=use_h0, store_ht=True, n_dtype=n_dtype_name(prob),
+                              **_state_kernel_args(prob, arch, on_hopper, use_h0=use_h0))
 
 
 def build_dstates_kernel(prob: Problem, arch: str, on_hopper: bool, *, scale: float, use_dht: bool):
-    """Compiled reverse state-gradient recurrence of the backward (experimental); no GPU needed."""
+    """Compiled reverse state-gradient recurrence of the backward; no GPU needed."""
     from .kernels.chunk_states import build_chunk_dstates
 
     return build_chunk_dstates(normalize_q=prob.normalize_q, scale=scale, use_dht=use_dht, store_dh0=True,
-                               **_state_kernel_args(prob, arch, on_hopper, use_h0=False))
+                               n_dtype=n_dtype_name(prob), **_state_kernel_args(prob, arch, on_hopper, use_h0=False))
 
 
-def _bwd_kernel_args(prob: Problem, arch: str, on_hopper: bool) -> dict:
-    """Builder arguments shared by the two chunk-gradient kernels: dims, dtype, schedule, target, pass configs."""
+def fuse_group(prob: Problem, arch: str) -> bool:
+    """Whether the chunk-gradient kernel walks each GVA group in one CTA (Hopper path; the Ampere path keeps one CTA
+    per value head: the fused group needs ~200 KB of shared memory, an A100 has 164 KB)."""
+    return arch == "sm_90a"
+
+
+#: Threads of the chunk-gradient kernel: 256 (about 210 registers a thread, no spills; 512 caps them at 128 and
+#: spills).
+BWD_GRADS_THREADS = 256
+
+
+def build_bwd_grads_kernel(prob: Problem, arch: str, on_hopper: bool, *, scale: float, eps: float,
+                           threads: int = BWD_GRADS_THREADS):
+    """Compiled chunk-gradient kernel of the backward (:mod:`kla_tl.kernels.chunk_bwd_grads`); no GPU needed."""
     import json
 
+    from .kernels.chunk_bwd_grads import build_chunk_bwd_grads
     from .kernels.registry import target_for
 
     dtype = str(prob.dtype).replace("torch.", "")
     target, pcs = target_for(arch, on_hopper)
     pcs = dict(pcs, **{"tl.disable_warp_specialized": True})
-    return dict(H=prob.H, HV=prob.HV, K=prob.K, V=prob.V, in_dtype=dtype,
-                block_v=32 if dtype == "float32" else 64, threads=512,
-                target=json.dumps(target, sort_keys=True), pass_configs=tuple(sorted(pcs.items())))
-
-
-def _grad_dtype_name(prob: Problem) -> str:
-    return str(_group_dtype(prob.dtype, prob.H, prob.HV)).replace("torch.", "")
-
-
-def build_bwd_dqk_kernel(prob: Problem, arch: str, on_hopper: bool, *, scale: float):
-    """Compiled output/state-update half of the backward's chunk gradients (:mod:`kla_tl.kernels.chunk_bwd_dqk`);
-    no GPU needed."""
-    from .kernels.chunk_bwd_dqk import build_chunk_bwd_dqk
-
-    return build_chunk_bwd_dqk(normalize_q=prob.normalize_q, scale=scale, dq_dtype=_grad_dtype_name(prob),
-                               **_bwd_kernel_args(prob, arch, on_hopper))
-
-
-def build_bwd_wy_kernel(prob: Problem, arch: str, on_hopper: bool, *, eps: float):
-    """Compiled WY half of the backward's chunk gradients with the finish of dk, dv, dg, deta
-    (:mod:`kla_tl.kernels.chunk_bwd_wy`); no GPU needed."""
-    from .kernels.chunk_bwd_wy import build_chunk_bwd_wy
-
-    return build_chunk_bwd_wy(eps=eps, dk_dtype=_grad_dtype_name(prob), **_bwd_kernel_args(prob, arch, on_hopper))
+    return build_chunk_bwd_grads(H=prob.H, HV=prob.HV, K=prob.K, V=prob.V, in_dtype=dtype,
+                                 normalize_q=prob.normalize_q, scale=scale, eps=eps,
+                                 block_v=32 if dtype == "float32" else 64, threads=threads,
+                                 target=json.dumps(target, sort_keys=True), pass_configs=tuple(sorted(pcs.items())),
+                                 n_dtype=n_dtype_name(prob), zparts=zparts(prob, arch),
+                                 fuse_group=fuse_group(prob, arch))
 
 
 def chunk_fwd(q, k, v, g, eta, *, prob: Problem, cu, scale, eps, normalize_q, initial_state, output_final_state):
@@ -312,14 +310,26 @@ def chunk_fwd(q, k, v, g, eta, *, prob: Problem, cu, scale, eps, normalize_q, in
     return run.o.reshape(B, T, HV, V), (run.ht if output_final_state else None)
 
 
+def bwd_prepared(q, k, v, g, eta, *, prob: Problem, cu, initial_state, arch: str, on_hopper: bool, scale: float,
+                 eps: float) -> "_Launch":
+    """The backward's launch state after its stage 1 (chunk_prepare recomputed, u in fp32): ready for
+    :meth:`_Launch.states`."""
+    prep = build_bwd_prepare_kernel(prob, arch, on_hopper, scale=scale, eps=eps, device=q.device)
+    run = _Launch(q, k, v, g, eta, prob=prob, cu=cu, initial_state=initial_state)
+    run.u = torch.empty(run.u.shape, dtype=getattr(torch, n_dtype_name(prob)), device=q.device)
+    run.prepare(prep)
+    return run
+
+
 def chunk_bwd(q, k, v, g, eta, do, dht, *, prob: Problem, cu, scale, eps, normalize_q, initial_state) -> dict:
     """The backward kernels: gradients of q, k, v, g, eta and initial_state as a dict (``dh0`` None without
     initial_state), each in its input's shape and dtype.
 
-    Recomputes the forward's chunk intermediates (chunk_prepare), then: the states entering every chunk
-    (chunk_states), the state gradients leaving every chunk (chunk_dstates), the chunk gradients in two kernels
-    (chunk_bwd_dqk, chunk_bwd_wy) and, with GVA, one sum of dq and dk over each group. The per-chunk states and
-    state gradients are stored ([NC, HV, K, V] each, in the input dtype), as fla does."""
+    Recomputes the forward's chunk intermediates (chunk_prepare, u in fp32), then: the states entering every chunk
+    (chunk_states), the state gradients leaving every chunk (chunk_dstates), and every gradient of every chunk in
+    one kernel (chunk_bwd_grads; on the Ampere path with GVA, dq and dk per value head and one sum over each group
+    in torch). The per-chunk states and state gradients are stored ([NC, HV, K, V] each, in the input dtype), as
+    fla does; each intermediate is released as soon as the last stage that reads it has run."""
     B, T, H, HV, K, V = prob.B, prob.T, prob.H, prob.HV, prob.K, prob.V
     if B * T == 0:
         dh0 = None
@@ -328,15 +338,12 @@ def chunk_bwd(q, k, v, g, eta, do, dht, *, prob: Problem, cu, scale, eps, normal
         grads = {n: torch.zeros_like(x) for n, x in (("dq", q), ("dk", k), ("dv", v), ("dg", g), ("deta", eta))}
         return dict(grads, dh0=dh0)
     arch, on_hopper = select_arch(q.device)
-    prep, _ = build_kernels(prob, arch, on_hopper, scale=scale, eps=eps, use_h0=initial_state is not None,
-                            device=q.device)
-    run = _Launch(q, k, v, g, eta, prob=prob, cu=cu, initial_state=initial_state)
-    run.prepare(prep)
+    run = bwd_prepared(q, k, v, g, eta, prob=prob, cu=cu, initial_state=initial_state, arch=arch,
+                       on_hopper=on_hopper, scale=scale, eps=eps)
     run.states(build_states_kernel(prob, arch, on_hopper, use_h0=initial_state is not None))
-    run.dstates(build_dstates_kernel(prob, arch, on_hopper, scale=scale, use_dht=dht is not None), do, dht)
-    run.bwd_dqk(build_bwd_dqk_kernel(prob, arch, on_hopper, scale=scale))
-    run.bwd_wy(build_bwd_wy_kernel(prob, arch, on_hopper, eps=eps))
-    gr = run.bwd_grads()
+    run.dstates(build_dstates_kernel(prob, arch, on_hopper, scale=scale, use_dht=dht is not None), do, dht,
+                zparts(prob, arch))
+    gr = run.grads(build_bwd_grads_kernel(prob, arch, on_hopper, scale=scale, eps=eps), fuse_group(prob, arch))
     return {"dq": gr["dq"].view(B, T, H, K), "dk": gr["dk"].view(B, T, H, K), "dv": gr["dv"].view(B, T, HV, V),
             "dg": gr["dg"].view(B, T, HV).to(g.dtype), "deta": gr["deta"].view(B, T, HV).to(eta.dtype),
             "dh0": None if initial_state is None else gr["dh0"].to(initial_state.dtype)}

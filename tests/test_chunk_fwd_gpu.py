@@ -144,9 +144,8 @@ def test_states_kernel_stores_the_state_entering_every_chunk(path):
     prob, cul = check_inputs("test", *inp.args(), normalize_q=True, **inp.kwargs())
     arch, on_hopper = CH.select_arch(inp.q.device)
     scale = 128 ** -0.5
-    prep, _ = CH.build_kernels(prob, arch, on_hopper, scale=scale, eps=1e-6, use_h0=True, device=inp.q.device)
-    run = CH._Launch(*inp.args(), prob=prob, cu=cul, initial_state=inp.initial_state)
-    run.prepare(prep)
+    run = CH.bwd_prepared(*inp.args(), prob=prob, cu=cul, initial_state=inp.initial_state, arch=arch,
+                          on_hopper=on_hopper, scale=scale, eps=1e-6)
     run.states(CH.build_states_kernel(prob, arch, on_hopper, use_h0=True))
     torch.cuda.synchronize()
     ref = inp.to(torch.float64)
@@ -170,7 +169,7 @@ def test_states_kernel_stores_the_state_entering_every_chunk(path):
 @pytest.mark.parametrize("path", ["sm_90a", "sm_80"], indirect=True)
 @pytest.mark.parametrize("K,V", [(128, 128), (96, 192)])
 def test_dstates_kernel_matches_the_reference_backward(path, K, V):
-    """The backward's reverse state-gradient kernel (experimental, kla_tl.kernels.chunk_states): dh0 equals the
+    """The backward's reverse state-gradient kernel (kla_tl.kernels.chunk_states): dh0 equals the
     float64 reference backward's initial-state gradient, and the gradient at the state leaving chunk c of a sequence
     equals dh0 of the reference backward of the rest of that sequence started from the true state there (varlen
     with an empty sequence, a partial last chunk, dht given)."""
@@ -185,10 +184,11 @@ def test_dstates_kernel_matches_the_reference_backward(path, K, V):
     prob, cul = check_inputs("test", *inp.args(), normalize_q=True, **inp.kwargs())
     arch, on_hopper = CH.select_arch(inp.q.device)
     scale = K ** -0.5
-    prep, _ = CH.build_kernels(prob, arch, on_hopper, scale=scale, eps=1e-6, use_h0=True, device=inp.q.device)
-    run = CH._Launch(*inp.args(), prob=prob, cu=cul, initial_state=inp.initial_state)
-    run.prepare(prep)
-    run.dstates(CH.build_dstates_kernel(prob, arch, on_hopper, scale=scale, use_dht=True), do, dht)
+    run = CH.bwd_prepared(*inp.args(), prob=prob, cu=cul, initial_state=inp.initial_state, arch=arch,
+                          on_hopper=on_hopper, scale=scale, eps=1e-6)
+    run.states(CH.build_states_kernel(prob, arch, on_hopper, use_h0=True))       # N, read by the dstates kernel
+    run.dstates(CH.build_dstates_kernel(prob, arch, on_hopper, scale=scale, use_dht=True), do, dht,
+                CH.zparts(prob, arch))
     torch.cuda.synchronize()
     tol = tol_for(torch.bfloat16, "grad")                   # gradients: the backward's bf16 tolerance
     ref = inp.to(torch.float64)

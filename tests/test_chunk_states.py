@@ -43,8 +43,7 @@ def test_state_kernels_build_without_spills_and_match_the_launcher(path, K, V, m
     dstates = CH.build_dstates_kernel(prob, arch, path == "sm_80_on_hopper", scale=K ** -0.5, use_dht=True)
     kernels = [states, dstates]
     if K <= 128:                                        # the draft chunk-gradient kernel has no K blocks yet
-        kernels.append(CH.build_bwd_dqk_kernel(prob, arch, path == "sm_80_on_hopper", scale=K ** -0.5))
-        kernels.append(CH.build_bwd_wy_kernel(prob, arch, path == "sm_80_on_hopper", eps=1e-6))
+        kernels.append(CH.build_bwd_grads_kernel(prob, arch, path == "sm_80_on_hopper", scale=K ** -0.5, eps=1e-6))
     for kern in kernels:
         for name, r in resource_report(kern).items():
             assert r["spill_stores"] == 0 and r["spill_loads"] == 0, (name, r)
@@ -53,14 +52,17 @@ def test_state_kernels_build_without_spills_and_match_the_launcher(path, K, V, m
     x = [torch.randn(B, T, H, K).bfloat16(), torch.randn(B, T, H, K).bfloat16(), torch.randn(B, T, HV, V).bfloat16(),
          -torch.rand(B, T, HV), torch.rand(B, T, HV)]
     run = CH._Launch(*x, prob=prob, cu=None, initial_state=torch.zeros(B, HV, K, V))
+    run.u = torch.empty(run.u.shape, dtype=getattr(torch, CH.n_dtype_name(prob)))       # as CH.bwd_prepared
     calls = []
-    run.states(lambda *a: calls.append(a))
-    run.dstates(lambda *a: calls.append(a), torch.randn(B, T, HV, V).bfloat16(), torch.randn(B, HV, K, V))
-    run.bwd_dqk(lambda *a: calls.append(a))
-    run.bwd_wy(lambda *a: calls.append(a))
+
+    def record(*a):             # the arguments, and the names they have on the launch object at the call
+        calls.append((a, {id(t): n for n, t in vars(run).items() if isinstance(t, torch.Tensor)}))
+
+    run.states(record)
+    run.dstates(record, torch.randn(B, T, HV, V).bfloat16(), torch.randn(B, HV, K, V), CH.zparts(prob, arch))
+    run.grads(record, CH.fuse_group(prob, arch))
     dims = {"TT": B * T, "N": B, "NCT": run.chunks.shape[0], "NC": run.chunks.shape[0]}
-    attr = {id(t): n for n, t in vars(run).items() if isinstance(t, torch.Tensor)}
-    for kern, args in zip(kernels, calls):
+    for kern, (args, attr) in zip(kernels, calls):
         f = kern.prim_func
         params = [p for p in f.params if p in f.buffer_map]
         assert len(params) == len(args)

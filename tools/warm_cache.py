@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from kla_tl.chunk import (build_bwd_dqk_kernel, build_bwd_wy_kernel, build_dstates_kernel, build_kernels,
+from kla_tl.chunk import (build_bwd_grads_kernel, build_bwd_prepare_kernel, build_dstates_kernel, build_kernels,
                           build_states_kernel)
 from kla_tl.conventions import Problem
 
@@ -107,8 +107,8 @@ def main() -> int:
                     for dht in (True, False):
                         build_dstates_kernel(prob, arch, on_hopper, scale=K ** -0.5, use_dht=dht)
                     if K <= 128:
-                        build_bwd_dqk_kernel(prob, arch, on_hopper, scale=K ** -0.5)
-                        build_bwd_wy_kernel(prob, arch, on_hopper, eps=1e-6)
+                        build_bwd_prepare_kernel(prob, arch, on_hopper, scale=K ** -0.5, eps=1e-6)
+                        build_bwd_grads_kernel(prob, arch, on_hopper, scale=K ** -0.5, eps=1e-6)
             except Exception as e:  # report and go on: one failing build must not hide the others
                 print(f"FAILED {arch} K={K} V={V}: {type(e).__name__}: {str(e).splitlines()[-1][:200]}")
                 continue

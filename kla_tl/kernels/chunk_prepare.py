@@ -9,7 +9,7 @@ Per chunk of C = 64 tokens and value head ``hv`` (q/k head ``hk = hv // (HV // H
     A        = StrictLower(diag(eta) K^ K^^T * Gam),  Gam_ij = exp(gamma_i - gamma_j)
     L        = (I + A)^-1                     fp32 forward substitution, one thread per column (registers)
     w        = L diag(eta e^gamma) K^         -> w    [1, TT, HV, K]
-    u        = L diag(eta / r) V              -> u    [1, TT, HV, V]
+    u        = L diag(eta / r) V              -> u    [1, TT, HV, V]  (``u_dtype``; see below)
     Aqk      = scale (q^ K^^T) * Gam (i >= j) -> aqk  [1, TT, HV, C]
     gamma                                     -> gcum [1, TT, HV] fp32
     1/r, 1/|q| (per q/k head)                 -> rk, rq [1, TT, H] fp32 (rq only with normalize_q)
@@ -20,6 +20,12 @@ Inputs are packed (B = 1, TT tokens); ``chunks[c] = (first token, end of its seq
 loaded as zeros and never stored. float32 inputs multiply with exact-fp32 FMA products instead of tensor cores
 (:func:`kla_tl.kernels._tl.gemm_for`); with K > 128 or V > 192 they skip the Y and X tiles
 (:func:`kla_tl.kernels._tl.lean_prepare`). Schedule knob: ``threads``.
+
+``u_dtype="float32"`` (the backward's recomputation; bfloat16 inputs): u is formed as (L diag(eta / r)) V from the
+exact bf16 V (the row gains rounded with L, one factor per column, instead of every element of diag(eta / r) V) and
+stored in fp32. The backward needs it: with extreme gates dg reduces to a few inner products <k^ dS, N> whose
+value can be far below their terms', and an element-wise bf16 rounding of U (so of N = U - W S) dominated their
+error (2e-3 .. 1e-2 relative, CPU emulation); the forward's output is not that sensitive and keeps u in bf16.
 """
 
 
@@ -36,8 +42,9 @@ C = 64
 
 @functools.lru_cache(maxsize=None)
 def build_chunk_prepare(*, H: int, HV: int, K: int, V: int, in_dtype: str, normalize_q: bool, scale: float,
-                        eps: float, threads: int, target: str, pass_configs: tuple = ()):
-    """Compile the chunk-preparation kernel (no GPU needed). ``target`` is a JSON target string."""
+                        eps: float, threads: int, target: str, pass_configs: tuple = (), u_dtype: str = None):
+    """Compile the chunk-preparation kernel (no GPU needed). ``target`` is a JSON target string; ``u_dtype`` the dtype
+    of u (default: the input dtype)."""
     import json
 
     G = HV // H
@@ -49,6 +56,8 @@ def build_chunk_prepare(*, H: int, HV: int, K: int, V: int, in_dtype: str, norma
     # float32 with wide heads: no Y, X tiles (their row scalings go into copies of L, V is read from global memory by
     # the FMA product), so that the float32 tiles fit in shared memory (lean_prepare)
     lean = lean_prepare(in_dtype, K, V)
+    ud = u_dtype or st
+    exact_u = ud != st and not lean          # U = (L diag(eta / r)) V from the exact V, staged in fp32
     TT = T.dynamic("TT")
     NC = T.dynamic("NC")
 
@@ -61,7 +70,7 @@ def build_chunk_prepare(*, H: int, HV: int, K: int, V: int, in_dtype: str, norma
         eta: T.Tensor([1, TT, HV], "float32"),
         chunks: T.Tensor([NC, 2], "int32"),
         w: T.Tensor([1, TT, HV, K], st),
-        u: T.Tensor([1, TT, HV, V], st),
+        u: T.Tensor([1, TT, HV, V], ud),
         aqk: T.Tensor([1, TT, HV, C], st),
         gcum: T.Tensor([1, TT, HV], "float32"),
         rq: T.Tensor([1, TT, H], "float32"),
@@ -77,6 +86,7 @@ def build_chunk_prepare(*, H: int, HV: int, K: int, V: int, in_dtype: str, norma
             qh_s = T.alloc_shared((C, KP), st)         # q^
             x_s = T.alloc_shared((1, 1) if lean else (C, V), st)      # diag(eta / r) V
             lb_s = T.alloc_shared((C, C), st)          # L in the GEMM dtype
+            u32_s = T.alloc_shared((C, V) if exact_u else (1, 1), acc)      # fp32 U on its way out
             a_s = T.alloc_shared((C, C), acc)          # A (fp32)
             g_s = T.alloc_shared((C,), acc)
             gam_s = T.alloc_shared((C,), acc)
@@ -132,8 +142,11 @@ def build_chunk_prepare(*, H: int, HV: int, K: int, V: int, in_dtype: str, norma
                 # X = diag(eta / r) V   (the KLA gain 1/r applied in fp32)
                 for i, d in T.Parallel(C, V):
                     vf[i, d] = T.if_then_else(t0 + i < eos, v[0, t0 + i, hv, d], T.cast(0, in_dtype))
-                for i, d in T.Parallel(C, V):
-                    x_s[i, d] = eta_s[i] * rinv_s[i] * vf[i, d]
+                if exact_u:
+                    T.copy(vf, x_s)
+                else:
+                    for i, d in T.Parallel(C, V):
+                        x_s[i, d] = eta_s[i] * rinv_s[i] * vf[i, d]
 
             # q^ = q / |q| (optional)
             for i, d in T.Parallel(C, KP):
@@ -177,11 +190,20 @@ def build_chunk_prepare(*, H: int, HV: int, K: int, V: int, in_dtype: str, norma
                 for i, d in T.Parallel(C, KP):
                     if t0 + i < eos and d < K:
                         w[0, t0 + i, hv, d] = y_s[i, d]
-                gemm(lb_s, x_s, u_f, clear_accum=True)
-                T.copy(u_f, x_s)
-                for i, d in T.Parallel(C, V):
-                    if t0 + i < eos:
-                        u[0, t0 + i, hv, d] = x_s[i, d]
+                if exact_u:
+                    for i, j in T.Parallel(C, C):
+                        lb_s[i, j] = lb_s[i, j] * (eta_s[j] * rinv_s[j])
+                    gemm(lb_s, x_s, u_f, clear_accum=True)
+                    T.copy(u_f, u32_s)
+                    for i, d in T.Parallel(C, V):
+                        if t0 + i < eos:
+                            u[0, t0 + i, hv, d] = u32_s[i, d]
+                else:
+                    gemm(lb_s, x_s, u_f, clear_accum=True)
+                    T.copy(u_f, x_s)
+                    for i, d in T.Parallel(C, V):
+                        if t0 + i < eos:
+                            u[0, t0 + i, hv, d] = x_s[i, d]
             else:
                 # W = (L diag(eta e^gamma)) K^,  U = (L diag(eta / r)) V  with V read from global memory (rows past
                 # the sequence end as zeros); the FMA fragments are row-major, so they store coalesced directly

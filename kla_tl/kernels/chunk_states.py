@@ -43,8 +43,10 @@ def _row_tile_loader(K: int, KP: int):
 
 @functools.lru_cache(maxsize=None)
 def build_chunk_states(*, H: int, HV: int, K: int, V: int, in_dtype: str, use_h0: bool, store_ht: bool,
-                       block_v: int, threads: int, num_stages: int, target: str, pass_configs: tuple = ()):
-    """Compile the state recurrence (no GPU needed). ``target`` is a JSON target string."""
+                       block_v: int, threads: int, num_stages: int, target: str, pass_configs: tuple = (),
+                       n_dtype: str = None):
+    """Compile the state recurrence (no GPU needed). ``target`` is a JSON target string; ``n_dtype`` the dtype of u and
+    of N (default: the input dtype; the backward passes float32, see :mod:`kla_tl.kernels.chunk_prepare`)."""
     import json
 
     G = HV // H
@@ -58,19 +60,20 @@ def build_chunk_states(*, H: int, HV: int, K: int, V: int, in_dtype: str, use_h0
     NV = (V + block_v - 1) // block_v
     load_state, store_state = state_tile_io(K, KP, V, block_v)
     load = _row_tile_loader(K, KP)
+    nd = n_dtype or st
 
     @T.prim_func
     def chunk_states(
         k: T.Tensor([1, TT, H, K], in_dtype),
         w: T.Tensor([1, TT, HV, K], st),
-        u: T.Tensor([1, TT, HV, V], st),
+        u: T.Tensor([1, TT, HV, V], nd),
         gcum: T.Tensor([1, TT, HV], "float32"),
         rk: T.Tensor([1, TT, H], "float32"),
         seqs: T.Tensor([N, 2], "int32"),
         coff: T.Tensor([N], "int32"),
         h0: T.Tensor([N, HV, K, V], "float32"),
         hs: T.Tensor([NCT, HV, K, V], st),
-        vn: T.Tensor([1, TT, HV, V], st),
+        vn: T.Tensor([1, TT, HV, V], nd),
         ht: T.Tensor([N, HV, K, V], "float32"),
     ):
         with T.Kernel(NV, N, HV, threads=threads) as (iv, n, hv):
@@ -82,8 +85,8 @@ def build_chunk_states(*, H: int, HV: int, K: int, V: int, in_dtype: str, use_h0
 
             k_s = T.alloc_shared((C, KP), in_dtype)
             w_s = T.alloc_shared((C, KP), st)
-            u_s = T.alloc_shared((C, block_v), st)
-            vn_s = T.alloc_shared((C, block_v), st)
+            u_s = T.alloc_shared((C, block_v), nd)
+            vn_s = T.alloc_shared((C, block_v), nd)
             vd_s = T.alloc_shared((C, block_v), st)
             h_s = T.alloc_shared((KP, block_v), st)
             gam_s = T.alloc_shared((C,), acc)
@@ -131,9 +134,9 @@ def build_chunk_states(*, H: int, HV: int, K: int, V: int, in_dtype: str, use_h0
 @functools.lru_cache(maxsize=None)
 def build_chunk_dstates(*, H: int, HV: int, K: int, V: int, in_dtype: str, normalize_q: bool, scale: float,
                         use_dht: bool, store_dh0: bool, block_v: int, threads: int, num_stages: int, target: str,
-                        pass_configs: tuple = ()):
-    """Compile the reverse state-gradient recurrence of the backward (no GPU needed; experimental, not used by
-    ``chunk_kla`` yet). ``target`` is a JSON target string.
+                        pass_configs: tuple = (), n_dtype: str = None):
+    """Compile the reverse state-gradient recurrence of the backward (no GPU needed). ``target`` is a JSON target
+    string; ``n_dtype`` the dtype of N (``vn``, as :func:`build_chunk_states` wrote it).
 
     Grid ``(ceil(V / block_v), N, HV)``, each CTA walks its sequence's chunks from the last to the first with
     ``dS`` = the gradient at the state leaving the chunk (``dht`` or 0 at the sequence end), in the normalized form of
@@ -141,12 +144,19 @@ def build_chunk_dstates(*, H: int, HV: int, K: int, V: int, in_dtype: str, norma
 
         dhs[c] = dS                                              gradient at the state leaving chunk c (input dtype)
         dN     = Aqk^T dO + diag(e^{gamma_n - gamma} / r) K dS    -> dvn  (gradient of N = U - W S)
+        z      = rowsum((diag(e^{gamma_n - gamma} / r) K dS) * N)  -> zp[iv] (this CTA's V columns; dg's state-update
+                                                                       term, summed over iv by the chunk-gradient kernel)
         dS     = e^{gamma_n} dS + Q^T diag(scale e^gamma / |q|) dO - W^T dN
         dh0    = dS at the sequence start (fp32, optional)
 
     Inputs: the forward's q, k, w, aqk, gcum, rq, rk, ``do [1, TT, HV, V]``, ``dht [N, HV, K, V]`` fp32, and the
     tables of :func:`build_chunk_states` (``seqs``, ``coff``). Rows past a sequence end are masked on load (do) or on
     the result (dN), so the next sequence's rows in a chunk tile contribute nothing.
+
+    Precision: with bf16 inputs K dS is taken as K dS_hi + K dS_lo (dS split into two bf16 tiles, ~16 bits), and z is
+    formed in fp32 from it and the fp32 N: z_j = e^{gamma_n - gamma_j} (k^_j dS) . N_j is the whole of dg at some
+    rows when gates are extreme (a final-state gradient meeting the last tokens), and can be far smaller than its
+    terms; bf16 roundings of dS or N there cost up to 1e-2 relative on dg (CPU emulation), this form ~1e-3.
     """
     import json
 
@@ -161,6 +171,8 @@ def build_chunk_dstates(*, H: int, HV: int, K: int, V: int, in_dtype: str, norma
     NV = (V + block_v - 1) // block_v
     load_state, store_state = state_tile_io(K, KP, V, block_v)
     load = _row_tile_loader(K, KP)
+    nd = n_dtype or st
+    split = in_dtype != "float32"          # dS = hi + lo in the K dS product (float32 products are exact already)
 
     @T.prim_func
     def chunk_dstates(
@@ -175,9 +187,11 @@ def build_chunk_dstates(*, H: int, HV: int, K: int, V: int, in_dtype: str, norma
         seqs: T.Tensor([N, 2], "int32"),
         coff: T.Tensor([N], "int32"),
         dht: T.Tensor([N, HV, K, V], "float32"),
+        vn: T.Tensor([1, TT, HV, V], nd),
         dhs: T.Tensor([NCT, HV, K, V], st),
         dvn: T.Tensor([1, TT, HV, V], st),
         dh0: T.Tensor([N, HV, K, V], "float32"),
+        zp: T.Tensor([NV, TT, HV], "float32"),
     ):
         with T.Kernel(NV, N, HV, threads=threads) as (iv, n, hv):
             hk = hv // G
@@ -195,12 +209,15 @@ def build_chunk_dstates(*, H: int, HV: int, K: int, V: int, in_dtype: str, norma
             dos_s = T.alloc_shared((C, block_v), in_dtype)
             dn_s = T.alloc_shared((C, block_v), st)
             dh_s = T.alloc_shared((KP, block_v), st)
+            dl_s = T.alloc_shared((KP, block_v) if split else (1, 1), st)
             gam_s = T.alloc_shared((C,), acc)
             rq_s = T.alloc_shared((C,), acc)
             rk_s = T.alloc_shared((C,), acc)
 
             dh_f = T.alloc_fragment((KP, block_v), acc)
             dn_f = T.alloc_fragment((C, block_v), acc)
+            zt_f = T.alloc_fragment((C, block_v), acc)
+            z_f = T.alloc_fragment((C,), acc)
 
             if use_dht:
                 load_state(dht, n, hv, v0, dh_f)
@@ -224,12 +241,25 @@ def build_chunk_dstates(*, H: int, HV: int, K: int, V: int, in_dtype: str, norma
                 nl = T.min(eos - t0, C) - 1
 
                 T.copy(dh_f, dh_s)
+                if split:
+                    for i, j in T.Parallel(KP, block_v):
+                        dl_s[i, j] = dh_f[i, j] - T.cast(T.cast(dh_f[i, j], st), acc)
                 store_state(dh_s, dhs, c0 + c, hv, v0)        # the gradient at the state leaving this chunk
                 # dN = diag(e^{gamma_n - gamma} / r) K dS + Aqk^T dO   (rows past the end forced to 0)
                 gemm(k_s, dh_s, dn_f, clear_accum=True)
+                if split:
+                    gemm(k_s, dl_s, dn_f)
                 for i, j in T.Parallel(C, block_v):
                     dn_f[i, j] = T.if_then_else(
                         t0 + i < eos, dn_f[i, j] * (rk_s[i] * T.exp2((gam_s[nl] - gam_s[i]) * LOG2E)), 0.0)
+                # dg's state-update term of these V columns, in fp32
+                for i, j in T.Parallel(C, block_v):
+                    zt_f[i, j] = dn_f[i, j] * T.if_then_else(t0 + i < eos and v0 + j < V,
+                                                             T.cast(vn[0, t0 + i, hv, v0 + j], acc), 0.0)
+                T.reduce_sum(zt_f, z_f, dim=1)
+                for i in T.Parallel(C):
+                    if t0 + i < eos:
+                        zp[iv, t0 + i, hv] = z_f[i]
                 gemm(a_s, do_s, dn_f, transpose_A=True)
                 for i, j in T.Parallel(C, block_v):
                     dn_s[i, j] = T.if_then_else(t0 + i < eos, dn_f[i, j], 0.0)
