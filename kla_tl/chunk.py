@@ -121,7 +121,7 @@ def build_kernels(prob: Problem, arch: str, on_hopper: bool, *, scale: float, ep
 class _Launch:
     """Packed inputs, intermediates and outputs of one forward call: the argument lists of the two kernels."""
 
-    def __init__(self, q, k, v, g, eta, *, prob: Problem, cu, initial_state):
+    def __init__(self, q, k, v, g, eta, *, prob: Problem, cu, initial_state, backward: bool = False):
         device = q.device
         TT, H, HV, K, V, N = prob.B * prob.T, prob.H, prob.HV, prob.K, prob.V, prob.N
         self.seqs, self.chunks, self.coff = _tables(prob, cu, device)
@@ -131,9 +131,10 @@ class _Launch:
         self.g = g.reshape(1, TT, HV).to(torch.float32).contiguous()
         self.eta = eta.reshape(1, TT, HV).to(torch.float32).contiguous()
         st = q.dtype
+        # the backward's prepare: u in fp32, and L stored beside Aqk (build_bwd_prepare_kernel)
         self.w = torch.empty(1, TT, HV, K, dtype=st, device=device)
-        self.u = torch.empty(1, TT, HV, V, dtype=st, device=device)
-        self.aqk = torch.empty(1, TT, HV, CHUNK, dtype=st, device=device)
+        self.u = torch.empty(1, TT, HV, V, dtype=getattr(torch, n_dtype_name(prob)) if backward else st, device=device)
+        self.aqk = torch.empty(1, TT, HV, 2 * CHUNK if backward else CHUNK, dtype=st, device=device)
         self.gcum = torch.empty(1, TT, HV, dtype=torch.float32, device=device)
         self.rq = torch.empty(1, TT, H, dtype=torch.float32, device=device)
         self.rk = torch.empty(1, TT, H, dtype=torch.float32, device=device)
@@ -206,14 +207,28 @@ def state_schedule(arch: str, key: dict) -> dict:
             "threads": 256 if key["K"] > 128 or exact else 128}
 
 
-def _state_kernel_args(prob: Problem, arch: str, on_hopper: bool, *, use_h0: bool) -> dict:
-    """Builder arguments shared by the two state recurrences: dims, dtype, schedule, target, pass configs."""
+def dstate_schedule(arch: str, key: dict) -> dict:
+    """Untuned schedule of the state-gradient recurrence: the state recurrence's, with narrower column blocks for
+    bfloat16 where an H100 measured them faster (its per-chunk step is longer): 16 columns with few tiles (2.19 vs
+    2.78 ms at B=1, T=32768, H/HV=16/32), 32 with K padded to the tile (1.04 vs 1.15 ms at the published 96/192)."""
+    sch = state_schedule(arch, key)
+    if key.get("dtype") != "float32":
+        if key.get("tiles") == "few":
+            sch["block_v"] = 16
+        elif key["K"] % 64:
+            sch["block_v"] = 32
+    return sch
+
+
+def _state_kernel_args(prob: Problem, arch: str, on_hopper: bool, *, use_h0: bool, grad: bool = False) -> dict:
+    """Builder arguments of the state recurrence (``grad``: of the state-gradient recurrence): dims, dtype, schedule,
+    target, pass configs."""
     import json
 
     from .kernels.registry import target_for
 
     key = problem_key(prob, use_h0=use_h0, store_ht=True)
-    sch = state_schedule(arch, key)
+    sch = (dstate_schedule if grad else state_schedule)(arch, key)
     target, pcs = target_for(arch, on_hopper)
     pcs = dict(pcs, **{"tl.disable_warp_specialized": True})
     return dict(H=prob.H, HV=prob.HV, K=prob.K, V=prob.V, in_dtype=key["dtype"], block_v=sch["block_v"],
@@ -229,16 +244,17 @@ def n_dtype_name(prob: Problem) -> str:
 def zparts(prob: Problem, arch: str) -> int:
     """Column blocks of the state-gradient kernel (its dg term ``zp`` comes in that many parts)."""
     key = problem_key(prob, use_h0=False, store_ht=True)
-    return -(-prob.V // state_schedule(arch, key)["block_v"])
+    return -(-prob.V // dstate_schedule(arch, key)["block_v"])
 
 
 def build_bwd_prepare_kernel(prob: Problem, arch: str, on_hopper: bool, *, scale: float, eps: float, device=None):
-    """The forward's chunk_prepare (same schedule) writing u in fp32, for the backward; no GPU needed."""
+    """The forward's chunk_prepare (same schedule) writing u in fp32 and L beside Aqk, for the backward; no GPU
+    needed."""
     from .kernels.chunk_fwd import PREPARE
 
     key = problem_key(prob, use_h0=prob.use_h0, store_ht=True)
     return PREPARE.build(arch, key, _schedule(PREPARE, arch, key, device), run_on_hopper=on_hopper, scale=scale,
-                         eps=eps, u_dtype=n_dtype_name(prob))
+                         eps=eps, u_dtype=n_dtype_name(prob), store_l=True)
 
 
 def build_states_kernel(prob: Problem, arch: str, on_hopper: bool, *, use_h0: bool):
@@ -255,7 +271,8 @@ def build_dstates_kernel(prob: Problem, arch: str, on_hopper: bool, *, scale: fl
     from .kernels.chunk_states import build_chunk_dstates
 
     return build_chunk_dstates(normalize_q=prob.normalize_q, scale=scale, use_dht=use_dht, store_dh0=True,
-                               n_dtype=n_dtype_name(prob), **_state_kernel_args(prob, arch, on_hopper, use_h0=False))
+                               n_dtype=n_dtype_name(prob), aqk_width=2 * CHUNK,
+                               **_state_kernel_args(prob, arch, on_hopper, use_h0=False, grad=True))
 
 
 def fuse_group(prob: Problem, arch: str) -> bool:
@@ -264,9 +281,9 @@ def fuse_group(prob: Problem, arch: str) -> bool:
     return arch == "sm_90a"
 
 
-#: Threads of the chunk-gradient kernel: 256 (about 210 registers a thread, no spills; 512 caps them at 128 and
-#: spills).
-BWD_GRADS_THREADS = 256
+#: Threads of the chunk-gradient kernel. 512 caps the registers at 128 a thread; 256 threads (about 210 registers,
+#: one CTA an SM) were 1.8x slower on an H100 (5.4 vs 3.1 ms at B=8, T=4096, H=16).
+BWD_GRADS_THREADS = 512
 
 
 def build_bwd_grads_kernel(prob: Problem, arch: str, on_hopper: bool, *, scale: float, eps: float,
@@ -312,11 +329,10 @@ def chunk_fwd(q, k, v, g, eta, *, prob: Problem, cu, scale, eps, normalize_q, in
 
 def bwd_prepared(q, k, v, g, eta, *, prob: Problem, cu, initial_state, arch: str, on_hopper: bool, scale: float,
                  eps: float) -> "_Launch":
-    """The backward's launch state after its stage 1 (chunk_prepare recomputed, u in fp32): ready for
+    """The backward's launch state after its stage 1 (chunk_prepare recomputed, u in fp32, L stored): ready for
     :meth:`_Launch.states`."""
     prep = build_bwd_prepare_kernel(prob, arch, on_hopper, scale=scale, eps=eps, device=q.device)
-    run = _Launch(q, k, v, g, eta, prob=prob, cu=cu, initial_state=initial_state)
-    run.u = torch.empty(run.u.shape, dtype=getattr(torch, n_dtype_name(prob)), device=q.device)
+    run = _Launch(q, k, v, g, eta, prob=prob, cu=cu, initial_state=initial_state, backward=True)
     run.prepare(prep)
     return run
 

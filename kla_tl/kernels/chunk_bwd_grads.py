@@ -10,7 +10,7 @@ without it, one CTA per value head writes its share in fp32). Per value head
     dAqk = Lower(dO N^T),  dOSt = dO S_in^T,  dW = -dN S_in^T                       [C, C], [C, K], [C, K]
     dq^ += diag(scale e) dOSt + scale (dAqk * Gam) K^
     dk^ += diag(en) N dS_out^T + scale (dAqk * Gam)^T Q^       (N rows scaled by en before the product)
-  WY path, L = (I + A)^-1 recomputed as chunk_prepare does (A = StrictLower(diag(eta) K^ K^^T * Gam))
+  WY path, L = (I + A)^-1 as the backward's chunk_prepare stored it beside Aqk (``aqk`` [1, TT, HV, 2C])
     dX = L^T dN                                -> dv = diag(eta / r) dX  (input dtype)      (V blocks again)
     M  = StrictLower(-dX N^T) * Gam,  Me = diag(eta) M,  dY = L^T dW
     dk^ += diag(eta e) dY + (Me + Me^T) K^,    dr += -eta rowsum(dX * V) / r^2
@@ -33,7 +33,7 @@ import functools
 import tilelang
 import tilelang.language as T
 
-from ._tl import G_FLOOR, LOG2E, gemm_for, split_pair_sum, unit_lower_inverse
+from ._tl import G_FLOOR, LOG2E, gemm_for, split_pair_sum
 
 C = 64
 
@@ -62,7 +62,6 @@ def build_chunk_bwd_grads(*, H: int, HV: int, K: int, V: int, in_dtype: str, nor
         raise ValueError(f"build_chunk_bwd_grads: K={K} not supported yet (K <= 128; K blocks are the next step)")
     gemm = gemm_for(in_dtype)
     pair_sum = split_pair_sum()
-    inverse = unit_lower_inverse()
     acc = "float32"
     st = in_dtype
     nd = n_dtype or st
@@ -106,7 +105,7 @@ def build_chunk_bwd_grads(*, H: int, HV: int, K: int, V: int, in_dtype: str, nor
         dvn: T.Tensor([1, TT, HV, V], st),
         hs: T.Tensor([NC, HV, K, V], st),
         dhs: T.Tensor([NC, HV, K, V], st),
-        aqk: T.Tensor([1, TT, HV, C], st),
+        aqk: T.Tensor([1, TT, HV, 2 * C], st),
         gcum: T.Tensor([1, TT, HV], "float32"),
         rq: T.Tensor([1, TT, H], "float32"),
         rk: T.Tensor([1, TT, H], "float32"),
@@ -140,7 +139,6 @@ def build_chunk_bwd_grads(*, H: int, HV: int, K: int, V: int, in_dtype: str, nor
             lb_s = T.alloc_shared((C, C), st)
             me_s = dag_s                                # (dAqk * Gam is dead once dq^ and dk^ have it)
             zg_s = T.alloc_shared((C, C), acc)
-            a_s = zg_s                                  # (between the two uses of zg_s)
             dqa_s = T.alloc_shared((C, KP) if group else (1, 1), acc)
             gam_s = T.alloc_shared((C,), acc)
             e_s = T.alloc_shared((C,), acc)
@@ -177,8 +175,6 @@ def build_chunk_bwd_grads(*, H: int, HV: int, K: int, V: int, in_dtype: str, nor
             rm_f = T.alloc_fragment((C,), acc)         # of M
             rp_f = T.alloc_fragment((C,), acc)         # of the pair sums' scratch
             xv_f = T.alloc_fragment((C,), acc)
-            lcol = T.alloc_local((C,), acc)
-            part = T.alloc_local((4,), acc)
             tail = T.alloc_local((1,), acc)
 
             # q^, k^ of the chunk (row scalings in fp32, then the GEMM dtype), 1/r
@@ -268,12 +264,10 @@ def build_chunk_bwd_grads(*, H: int, HV: int, K: int, V: int, in_dtype: str, nor
                 for r in T.Parallel(C):
                     dga_s[r] = ps_s[r] + dir_s[r] + (zc_s[r] - z_s[r]) + T.exp2(gam_s[nl] * LOG2E) * tail[0]
 
-                # ---- WY path: L = (I + A)^-1 as chunk_prepare computes it
-                gemm(kh_s, kh_s, gkk_f, transpose_B=True, clear_accum=True)
+                # ---- WY path: L = (I + A)^-1 as chunk_prepare stored it (identity rows past the sequence end)
                 for i, j in T.Parallel(C, C):
-                    a_s[i, j] = T.if_then_else(
-                        i > j and t0 + i < eos, eta_s[i] * gkk_f[i, j] * T.exp2((gam_s[i] - gam_s[j]) * LOG2E), 0.0)
-                inverse(a_s, lb_s, lcol, part)
+                    lb_s[i, j] = T.if_then_else(t0 + i < eos, aqk[0, t0 + i, hv, C + j],
+                                                T.if_then_else(i == j, T.cast(1, st), T.cast(0, st)))
 
                 # V blocks: dX = L^T dN -> dv, rowsum(dX * V), M += -dX N^T
                 T.clear(m_f)
@@ -298,6 +292,7 @@ def build_chunk_bwd_grads(*, H: int, HV: int, K: int, V: int, in_dtype: str, nor
                     xv_s[i] = xv_f[i]
 
                 # M = StrictLower(-dX N^T) * Gam, Me = diag(eta) M; deta's M * Gkk term, dg's Me * Gkk term
+                gemm(kh_s, kh_s, gkk_f, transpose_B=True, clear_accum=True)
                 for i, j in T.Parallel(C, C):
                     m_f[i, j] = T.if_then_else(
                         i > j and t0 + i < eos, -m_f[i, j] * T.exp2((gam_s[i] - gam_s[j]) * LOG2E), 0.0)

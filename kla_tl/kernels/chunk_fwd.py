@@ -103,14 +103,15 @@ def _target(arch: str, run_on_hopper: bool):
 
 
 def build_prepare(arch: str, key: dict, schedule: dict, *, run_on_hopper: bool = False, scale=None, eps=1e-6,
-                  u_dtype=None):
+                  u_dtype=None, store_l=False):
     from .chunk_prepare import build_chunk_prepare
 
     target, pcs = _target(arch, run_on_hopper)
     return build_chunk_prepare(H=key["H"], HV=key["HV"], K=key["K"], V=key["V"], in_dtype=key["dtype"],
                                normalize_q=bool(key.get("normalize_q", False)),
                                scale=float(key["K"] ** -0.5 if scale is None else scale), eps=float(eps),
-                               threads=schedule["threads"], target=target, pass_configs=pcs, u_dtype=u_dtype)
+                               threads=schedule["threads"], target=target, pass_configs=pcs, u_dtype=u_dtype,
+                               store_l=store_l)
 
 
 def build_scan(arch: str, key: dict, schedule: dict, *, run_on_hopper: bool = False, scale=None, eps=1e-6):

@@ -10,7 +10,7 @@ Per chunk of C = 64 tokens and value head ``hv`` (q/k head ``hk = hv // (HV // H
     L        = (I + A)^-1                     fp32 forward substitution, one thread per column (registers)
     w        = L diag(eta e^gamma) K^         -> w    [1, TT, HV, K]
     u        = L diag(eta / r) V              -> u    [1, TT, HV, V]  (``u_dtype``; see below)
-    Aqk      = scale (q^ K^^T) * Gam (i >= j) -> aqk  [1, TT, HV, C]
+    Aqk      = scale (q^ K^^T) * Gam (i >= j) -> aqk  [1, TT, HV, C]  (and L: ``store_l``, see below)
     gamma                                     -> gcum [1, TT, HV] fp32
     1/r, 1/|q| (per q/k head)                 -> rk, rq [1, TT, H] fp32 (rq only with normalize_q)
 
@@ -42,9 +42,11 @@ C = 64
 
 @functools.lru_cache(maxsize=None)
 def build_chunk_prepare(*, H: int, HV: int, K: int, V: int, in_dtype: str, normalize_q: bool, scale: float,
-                        eps: float, threads: int, target: str, pass_configs: tuple = (), u_dtype: str = None):
+                        eps: float, threads: int, target: str, pass_configs: tuple = (), u_dtype: str = None,
+                        store_l: bool = False):
     """Compile the chunk-preparation kernel (no GPU needed). ``target`` is a JSON target string; ``u_dtype`` the dtype
-    of u (default: the input dtype)."""
+    of u (default: the input dtype); ``store_l``: aqk is ``[1, TT, HV, 2C]`` and holds L (as the GEMMs use it, in the
+    input dtype) in its second half, for the backward."""
     import json
 
     G = HV // H
@@ -58,6 +60,7 @@ def build_chunk_prepare(*, H: int, HV: int, K: int, V: int, in_dtype: str, norma
     lean = lean_prepare(in_dtype, K, V)
     ud = u_dtype or st
     exact_u = ud != st and not lean          # U = (L diag(eta / r)) V from the exact V, staged in fp32
+    AW = 2 * C if store_l else C             # aqk row: Aqk, then L (store_l)
     TT = T.dynamic("TT")
     NC = T.dynamic("NC")
 
@@ -71,7 +74,7 @@ def build_chunk_prepare(*, H: int, HV: int, K: int, V: int, in_dtype: str, norma
         chunks: T.Tensor([NC, 2], "int32"),
         w: T.Tensor([1, TT, HV, K], st),
         u: T.Tensor([1, TT, HV, V], ud),
-        aqk: T.Tensor([1, TT, HV, C], st),
+        aqk: T.Tensor([1, TT, HV, AW], st),
         gcum: T.Tensor([1, TT, HV], "float32"),
         rq: T.Tensor([1, TT, H], "float32"),
         rk: T.Tensor([1, TT, H], "float32"),
@@ -182,6 +185,10 @@ def build_chunk_prepare(*, H: int, HV: int, K: int, V: int, in_dtype: str, norma
 
             # L = (I + A)^-1 by forward substitution in registers (the big fragments above are dead here)
             inverse(a_s, lb_s, lcol, part)
+            if store_l:
+                for i, j in T.Parallel(C, C):
+                    if t0 + i < eos:
+                        aqk[0, t0 + i, hv, C + j] = lb_s[i, j]
 
             if not lean:
                 # W = L Y,  U = L X  (staged through the now free Y, X tiles)

@@ -134,9 +134,10 @@ def build_chunk_states(*, H: int, HV: int, K: int, V: int, in_dtype: str, use_h0
 @functools.lru_cache(maxsize=None)
 def build_chunk_dstates(*, H: int, HV: int, K: int, V: int, in_dtype: str, normalize_q: bool, scale: float,
                         use_dht: bool, store_dh0: bool, block_v: int, threads: int, num_stages: int, target: str,
-                        pass_configs: tuple = (), n_dtype: str = None):
+                        pass_configs: tuple = (), n_dtype: str = None, aqk_width: int = 64):
     """Compile the reverse state-gradient recurrence of the backward (no GPU needed). ``target`` is a JSON target
-    string; ``n_dtype`` the dtype of N (``vn``, as :func:`build_chunk_states` wrote it).
+    string; ``n_dtype`` the dtype of N (``vn``, as :func:`build_chunk_states` wrote it); ``aqk_width`` the row length
+    of ``aqk`` (128 when it also holds L, Aqk in the first 64 columns).
 
     Grid ``(ceil(V / block_v), N, HV)``, each CTA walks its sequence's chunks from the last to the first with
     ``dS`` = the gradient at the state leaving the chunk (``dht`` or 0 at the sequence end), in the normalized form of
@@ -179,7 +180,7 @@ def build_chunk_dstates(*, H: int, HV: int, K: int, V: int, in_dtype: str, norma
         q: T.Tensor([1, TT, H, K], in_dtype),
         k: T.Tensor([1, TT, H, K], in_dtype),
         w: T.Tensor([1, TT, HV, K], st),
-        aqk: T.Tensor([1, TT, HV, C], st),
+        aqk: T.Tensor([1, TT, HV, aqk_width], st),
         gcum: T.Tensor([1, TT, HV], "float32"),
         rq: T.Tensor([1, TT, H], "float32"),
         rk: T.Tensor([1, TT, H], "float32"),
@@ -230,7 +231,7 @@ def build_chunk_dstates(*, H: int, HV: int, K: int, V: int, in_dtype: str, norma
                 load(q, t0, eos, hk, q_s)
                 load(k, t0, eos, hk, k_s)
                 load(w, t0, eos, hv, w_s)
-                T.copy(aqk[0, t0:t0 + C, hv, :], a_s)
+                T.copy(aqk[0, t0:t0 + C, hv, 0:C], a_s)
                 for i, j in T.Parallel(C, block_v):
                     do_s[i, j] = T.if_then_else(t0 + i < eos and v0 + j < V, do[0, t0 + i, hv, v0 + j],
                                                 T.cast(0, in_dtype))
