@@ -276,9 +276,10 @@ def build_dstates_kernel(prob: Problem, arch: str, on_hopper: bool, *, scale: fl
 
 
 def fuse_group(prob: Problem, arch: str) -> bool:
-    """Whether the chunk-gradient kernel walks each GVA group in one CTA (Hopper path; the Ampere path keeps one CTA
-    per value head: the fused group needs ~200 KB of shared memory, an A100 has 164 KB)."""
-    return arch == "sm_90a"
+    """Whether the chunk-gradient kernel walks each GVA group in one CTA: on the Hopper path with bfloat16 (the fused
+    group needs ~205 KB of shared memory; an A100 has 164 KB, and with float32 tiles it would need 260 KB). Otherwise
+    one CTA per value head, and dq, dk summed over each group in torch."""
+    return arch == "sm_90a" and prob.dtype != torch.float32
 
 
 #: Threads of the chunk-gradient kernel. 512 caps the registers at 128 a thread; 256 threads (about 210 registers,
