@@ -212,7 +212,7 @@ def dstate_schedule(arch: str, key: dict) -> dict:
     bfloat16 where an H100 measured them faster (its per-chunk step is longer): 16 columns with few tiles (2.19 vs
     2.78 ms at B=1, T=32768, H/HV=16/32), 32 with K padded to the tile (1.04 vs 1.15 ms at the published 96/192)."""
     sch = state_schedule(arch, key)
-    if key.get("dtype") != "float32":
+    if key.get("dtype") != "float32" and key["K"] <= BWD_MAX_K:     # (K = 256: no wgmma layout for 16 columns)
         if key.get("tiles") == "few":
             sch["block_v"] = 16
         elif key["K"] % 64:
