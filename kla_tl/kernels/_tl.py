@@ -74,6 +74,46 @@ def lean_scan(in_dtype: str, K: int) -> bool:
     return in_dtype == "float32" and -(-K // 64) * 64 > 128
 
 
+#: Rows of a chunk tile (the chunk size).
+C_ROWS = 64
+
+
+def k_tile(K: int) -> int:
+    """Columns of a ``[C, K]`` tile and rows of a ``[K, block_v]`` state tile: K padded to a multiple of 64 (K = 48,
+    96 -> 64, 128). The state update S += K^T N is a wgmma with M = K, and a warpgroup's M is a multiple of 64; the
+    pad columns and rows hold zeros."""
+    return -(-K // 64) * 64
+
+
+def row_tile_io(K: int, KP: int):
+    """Macros ``(load, clear_pad)`` of a ``[C, KP]`` row tile of a ``[1, TT, heads, K]`` tensor.
+
+    ``load(src, t0, head, dst)`` copies rows ``[t0, t0 + C)`` (columns ``[0, K)``) in bulk, so the copy can run
+    asynchronously ahead of its use (cp.async / TMA); rows past the sequence end then hold the next sequence's rows
+    (zeros past the tensor's end), so every use of them must mask them. ``clear_pad(dst)`` zeroes the pad columns
+    ``[K, KP)``, which ``load`` never writes: call it once before the chunk loop (one-stage loops only: a
+    multi-stage pipeline keeps several copies of ``dst``)."""
+    import tilelang.language as T
+
+    @T.macro
+    def load(src, t0, head, dst):
+        if KP == K:
+            T.copy(src[0, t0:t0 + C_ROWS, head, :], dst)
+        elif K > 64:                     # [0, 64) and [64, K) apart: power-of-two vector counts per thread
+            T.copy(src[0, t0:t0 + C_ROWS, head, 0:64], dst[0:C_ROWS, 0:64])
+            T.copy(src[0, t0:t0 + C_ROWS, head, 64:K], dst[0:C_ROWS, 64:K])
+        else:
+            T.copy(src[0, t0:t0 + C_ROWS, head, 0:K], dst[0:C_ROWS, 0:K])
+
+    @T.macro
+    def clear_pad(dst):
+        if KP != K:
+            for i, d in T.Parallel(C_ROWS, KP - K):
+                dst[i, K + d] = T.cast(0, dst.dtype)
+
+    return load, clear_pad
+
+
 def state_tile_io(K: int, KP: int, V: int, block_v: int):
     """Macros ``(load, store)`` of a state column tile ``[KP, block_v]`` (rows padded from K to KP, columns
     ``[v0, v0 + block_v)`` of V) against a ``[rows, HV, K, V]`` tensor: ``load(src, row, hv, v0, dst)`` reads it

@@ -33,7 +33,7 @@ import functools
 import tilelang
 import tilelang.language as T
 
-from ._tl import G_FLOOR, LOG2E, gemm_for, split_pair_sum
+from ._tl import G_FLOOR, LOG2E, gemm_for, k_tile, split_pair_sum
 
 C = 64
 
@@ -57,7 +57,7 @@ def build_chunk_bwd_grads(*, H: int, HV: int, K: int, V: int, in_dtype: str, nor
     import json
 
     G = HV // H
-    KP = -(-K // 64) * 64
+    KP = k_tile(K)
     if KP > 128:
         raise ValueError(f"build_chunk_bwd_grads: K={K} not supported yet (K <= 128; K blocks are the next step)")
     gemm = gemm_for(in_dtype)

@@ -23,7 +23,7 @@ import functools
 import tilelang
 import tilelang.language as T
 
-from ._tl import LOG2E, gemm_for, lean_scan, state_tile_io
+from ._tl import LOG2E, gemm_for, k_tile, lean_scan, row_tile_io, state_tile_io
 
 C = 64
 
@@ -37,7 +37,7 @@ def build_chunk_scan(*, H: int, HV: int, K: int, V: int, in_dtype: str, normaliz
 
     G = HV // H
     gemm = gemm_for(in_dtype)
-    KP = -(-K // 64) * 64          # K padded to the wgmma/mma tile; pad columns of q, k, w (and rows of S) are zeros
+    KP = k_tile(K)          # K padded to the wgmma/mma tile; pad columns of q, k, w (and rows of S) are zeros
     acc = "float32"
     st = in_dtype
     # float32 with K > 128: q, k, w are read from global memory inside the FMA products (no [64, K] tiles)
@@ -46,6 +46,10 @@ def build_chunk_scan(*, H: int, HV: int, K: int, V: int, in_dtype: str, normaliz
     N = T.dynamic("N")
     NV = (V + block_v - 1) // block_v
     load_state, store_state = state_tile_io(K, KP, V, block_v)
+    load, clear_pad = row_tile_io(K, KP)
+    if KP != K and num_stages != 1:
+        raise ValueError(f"num_stages={num_stages} with K={K} padded to {KP}: the pad columns are cleared once "
+                         "(one-stage loops only)")
 
     @T.macro
     def rows_times_state(src, head, t0, eos, h_s, out_f):
@@ -97,20 +101,17 @@ def build_chunk_scan(*, H: int, HV: int, K: int, V: int, in_dtype: str, normaliz
                 load_state(h0, n, hv, v0, h_f)
             else:
                 T.clear(h_f)
+            if not lean:
+                clear_pad(q_s)
+                clear_pad(k_s)
+                clear_pad(w_s)
 
             for c in T.Pipelined(T.ceildiv(eos - bos, C), num_stages=num_stages):
                 t0 = bos + c * C
-                if lean:
-                    pass
-                elif KP == K:
-                    T.copy(q[0, t0:t0 + C, hk, :], q_s)
-                    T.copy(k[0, t0:t0 + C, hk, :], k_s)
-                    T.copy(w[0, t0:t0 + C, hv, :], w_s)
-                else:
-                    for i, d in T.Parallel(C, KP):
-                        q_s[i, d] = T.if_then_else(t0 + i < eos and d < K, q[0, t0 + i, hk, d], T.cast(0, in_dtype))
-                        k_s[i, d] = T.if_then_else(t0 + i < eos and d < K, k[0, t0 + i, hk, d], T.cast(0, in_dtype))
-                        w_s[i, d] = T.if_then_else(t0 + i < eos and d < K, w[0, t0 + i, hv, d], T.cast(0, st))
+                if not lean:                     # rows past the sequence end: every use masks them
+                    load(q, t0, hk, q_s)
+                    load(k, t0, hk, k_s)
+                    load(w, t0, hv, w_s)
                 T.copy(u[0, t0:t0 + C, hv, v0:v0 + block_v], u_s)
                 T.copy(aqk[0, t0:t0 + C, hv, :], a_s)
                 # strides of H*4 / HV*4 bytes are not TMA-aligned: plain (cp.async) copies

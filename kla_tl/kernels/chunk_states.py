@@ -20,25 +20,9 @@ import functools
 import tilelang
 import tilelang.language as T
 
-from ._tl import LOG2E, gemm_for, state_tile_io
+from ._tl import LOG2E, gemm_for, k_tile, row_tile_io, state_tile_io
 
 C = 64
-
-
-def _row_tile_loader(K: int, KP: int):
-    """Macro ``load(src, t0, eos, head, dst)``: rows ``[t0, t0 + C)`` of ``src[0, :, head, :]`` into the ``[C, KP]``
-    tile ``dst``; with K padded to KP the rows past ``eos`` and the pad columns are zeros (masked loads), else one
-    bulk copy (rows past the sequence end then hold the next sequence's rows: every use masks them)."""
-
-    @T.macro
-    def load(src, t0, eos, head, dst):
-        if KP == K:
-            T.copy(src[0, t0:t0 + C, head, :], dst)
-        else:
-            for i, d in T.Parallel(C, KP):
-                dst[i, d] = T.if_then_else(t0 + i < eos and d < K, src[0, t0 + i, head, d], T.cast(0, dst.dtype))
-
-    return load
 
 
 @functools.lru_cache(maxsize=None)
@@ -51,7 +35,7 @@ def build_chunk_states(*, H: int, HV: int, K: int, V: int, in_dtype: str, use_h0
 
     G = HV // H
     gemm = gemm_for(in_dtype)
-    KP = -(-K // 64) * 64
+    KP = k_tile(K)
     acc = "float32"
     st = in_dtype
     TT = T.dynamic("TT")
@@ -59,7 +43,10 @@ def build_chunk_states(*, H: int, HV: int, K: int, V: int, in_dtype: str, use_h0
     NCT = T.dynamic("NCT")
     NV = (V + block_v - 1) // block_v
     load_state, store_state = state_tile_io(K, KP, V, block_v)
-    load = _row_tile_loader(K, KP)
+    load, clear_pad = row_tile_io(K, KP)
+    if KP != K and num_stages != 1:
+        raise ValueError(f"num_stages={num_stages} with K={K} padded to {KP}: the pad columns are cleared once "
+                         "(one-stage loops only)")
     nd = n_dtype or st
 
     @T.prim_func
@@ -99,11 +86,13 @@ def build_chunk_states(*, H: int, HV: int, K: int, V: int, in_dtype: str, use_h0
                 load_state(h0, n, hv, v0, h_f)
             else:
                 T.clear(h_f)
+            clear_pad(k_s)
+            clear_pad(w_s)
 
             for c in T.Pipelined(T.ceildiv(eos - bos, C), num_stages=num_stages):
                 t0 = bos + c * C
-                load(k, t0, eos, hk, k_s)
-                load(w, t0, eos, hv, w_s)
+                load(k, t0, hk, k_s)
+                load(w, t0, hv, w_s)
                 T.copy(u[0, t0:t0 + C, hv, v0:v0 + block_v], u_s)
                 T.copy(gcum[0, t0:t0 + C, hv], gam_s, disable_tma=True)
                 T.copy(rk[0, t0:t0 + C, hk], rk_s, disable_tma=True)
@@ -163,7 +152,7 @@ def build_chunk_dstates(*, H: int, HV: int, K: int, V: int, in_dtype: str, norma
 
     G = HV // H
     gemm = gemm_for(in_dtype)
-    KP = -(-K // 64) * 64
+    KP = k_tile(K)
     acc = "float32"
     st = in_dtype
     TT = T.dynamic("TT")
@@ -171,7 +160,10 @@ def build_chunk_dstates(*, H: int, HV: int, K: int, V: int, in_dtype: str, norma
     NCT = T.dynamic("NCT")
     NV = (V + block_v - 1) // block_v
     load_state, store_state = state_tile_io(K, KP, V, block_v)
-    load = _row_tile_loader(K, KP)
+    load, clear_pad = row_tile_io(K, KP)
+    if KP != K and num_stages != 1:
+        raise ValueError(f"num_stages={num_stages} with K={K} padded to {KP}: the pad columns are cleared once "
+                         "(one-stage loops only)")
     nd = n_dtype or st
     split = in_dtype != "float32"          # dS = hi + lo in the K dS product (float32 products are exact already)
 
@@ -224,13 +216,16 @@ def build_chunk_dstates(*, H: int, HV: int, K: int, V: int, in_dtype: str, norma
                 load_state(dht, n, hv, v0, dh_f)
             else:
                 T.clear(dh_f)
+            clear_pad(q_s)
+            clear_pad(k_s)
+            clear_pad(w_s)
 
             for cc in T.Pipelined(nch, num_stages=num_stages):
                 c = nch - 1 - cc
                 t0 = bos + c * C
-                load(q, t0, eos, hk, q_s)
-                load(k, t0, eos, hk, k_s)
-                load(w, t0, eos, hv, w_s)
+                load(q, t0, hk, q_s)
+                load(k, t0, hk, k_s)
+                load(w, t0, hv, w_s)
                 T.copy(aqk[0, t0:t0 + C, hv, 0:C], a_s)
                 for i, j in T.Parallel(C, block_v):
                     do_s[i, j] = T.if_then_else(t0 + i < eos and v0 + j < V, do[0, t0 + i, hv, v0 + j],
