@@ -62,18 +62,6 @@ def gemm_for(in_dtype: str):
     return gemm
 
 
-def lean_prepare(in_dtype: str, K: int, V: int) -> bool:
-    """Whether chunk_prepare drops its Y and X tiles (float32 with K > 128 or V > 192): the float32 tiles of the
-    plain layout would exceed shared memory (K = V = 256: 279 KB; the limit is 227 KB on sm_90, 163 KB on sm_80)."""
-    return in_dtype == "float32" and (-(-K // 64) * 64 > 128 or V > 192)
-
-
-def lean_scan(in_dtype: str, K: int) -> bool:
-    """Whether the state scans read q, k and w straight from global memory inside their FMA products instead of
-    staging [64, K] tiles in shared memory (float32 with K > 128: three float32 [64, 256] tiles are 192 KB)."""
-    return in_dtype == "float32" and -(-K // 64) * 64 > 128
-
-
 #: Rows of a chunk tile (the chunk size).
 C_ROWS = 64
 
@@ -83,6 +71,18 @@ def k_tile(K: int) -> int:
     96 -> 64, 128). The state update S += K^T N is a wgmma with M = K, and a warpgroup's M is a multiple of 64; the
     pad columns and rows hold zeros."""
     return -(-K // 64) * 64
+
+
+def lean_prepare(in_dtype: str, K: int, V: int) -> bool:
+    """Whether chunk_prepare drops its Y and X tiles (float32 with K > 128 or V > 192): the float32 tiles of the
+    plain layout would exceed shared memory (K = V = 256: 279 KB; the limit is 227 KB on sm_90, 163 KB on sm_80)."""
+    return in_dtype == "float32" and (k_tile(K) > 128 or V > 192)
+
+
+def lean_scan(in_dtype: str, K: int) -> bool:
+    """Whether the state scans read q, k and w straight from global memory inside their FMA products instead of
+    staging [64, K] tiles in shared memory (float32 with K > 128: three float32 [64, 256] tiles are 192 KB)."""
+    return in_dtype == "float32" and k_tile(K) > 128
 
 
 def row_tile_io(K: int, KP: int):

@@ -34,7 +34,7 @@ import functools
 import tilelang
 import tilelang.language as T
 
-from ._tl import k_tile, G_FLOOR, LOG2E, gemm_for, lean_prepare, unit_lower_inverse
+from ._tl import G_FLOOR, LOG2E, gemm_for, k_tile, lean_prepare, unit_lower_inverse
 
 #: Chunk length (fixed: the solve and the tiles are built for 64 rows).
 C = 64
@@ -52,7 +52,7 @@ def build_chunk_prepare(*, H: int, HV: int, K: int, V: int, in_dtype: str, norma
     G = HV // H
     gemm = gemm_for(in_dtype)
     inverse = unit_lower_inverse()
-    KP = k_tile(K)          # K padded to the wgmma/mma tile (K = 48, 96 -> 64, 128); pad columns are zeros
+    KP = k_tile(K)                 # K padded to the wgmma/mma tile (K = 48, 96 -> 64, 128); pad columns are zeros
     acc = "float32"
     st = in_dtype
     # float32 with wide heads: no Y, X tiles (their row scalings go into copies of L, V is read from global memory by

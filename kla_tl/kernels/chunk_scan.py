@@ -37,7 +37,7 @@ def build_chunk_scan(*, H: int, HV: int, K: int, V: int, in_dtype: str, normaliz
 
     G = HV // H
     gemm = gemm_for(in_dtype)
-    KP = k_tile(K)          # K padded to the wgmma/mma tile; pad columns of q, k, w (and rows of S) are zeros
+    KP = k_tile(K)                 # K padded to the wgmma/mma tile; pad columns of q, k, w (and rows of S) are zeros
     acc = "float32"
     st = in_dtype
     # float32 with K > 128: q, k, w are read from global memory inside the FMA products (no [64, K] tiles)
