@@ -20,6 +20,16 @@ def test_chunk_offsets_index_each_sequences_first_chunk(monkeypatch):
     assert seqs.tolist() == [[0, 130], [130, 130], [130, 131], [131, 330]]
 
 
+def test_row_tiles_pad_k_to_the_wgmma_tile_and_refuse_multi_stage_loops_when_padded():
+    from kla_tl.kernels._tl import k_tile, row_tile_io
+
+    assert [k_tile(K) for K in (48, 64, 96, 128, 160, 256)] == [64, 64, 128, 128, 192, 256]
+    row_tile_io(128, 2)                      # unpadded: any number of stages
+    row_tile_io(96, 1)
+    with pytest.raises(ValueError, match="num_stages=2 with K=96 padded to 128"):
+        row_tile_io(96, 2)
+
+
 def test_state_schedule_defaults():
     assert CH.state_schedule("sm_90a", {"K": 128, "tiles": "many"}) == {"block_v": 64, "threads": 128}
     assert CH.state_schedule("sm_80", {"K": 128, "tiles": "few"}) == {"block_v": 32, "threads": 128}

@@ -85,15 +85,21 @@ def lean_scan(in_dtype: str, K: int) -> bool:
     return in_dtype == "float32" and k_tile(K) > 128
 
 
-def row_tile_io(K: int, KP: int):
-    """Macros ``(load, clear_pad)`` of a ``[C, KP]`` row tile of a ``[1, TT, heads, K]`` tensor.
+def row_tile_io(K: int, num_stages: int):
+    """Macros ``(load, clear_pad)`` of a ``[C, KP]`` row tile (``KP = k_tile(K)``) of a ``[1, TT, heads, K]`` tensor,
+    loaded in a chunk loop of ``num_stages`` stages.
 
     ``load(src, t0, head, dst)`` copies rows ``[t0, t0 + C)`` (columns ``[0, K)``) in bulk, so the copy can run
     asynchronously ahead of its use (cp.async / TMA); rows past the sequence end then hold the next sequence's rows
     (zeros past the tensor's end), so every use of them must mask them. ``clear_pad(dst)`` zeroes the pad columns
     ``[K, KP)``, which ``load`` never writes: call it once before the chunk loop (one-stage loops only: a
-    multi-stage pipeline keeps several copies of ``dst``)."""
+    multi-stage pipeline keeps several copies of ``dst``; a padded K with ``num_stages != 1`` raises ValueError)."""
     import tilelang.language as T
+
+    KP = k_tile(K)
+    if KP != K and num_stages != 1:
+        raise ValueError(f"num_stages={num_stages} with K={K} padded to {KP}: the pad columns are cleared once "
+                         "(one-stage loops only)")
 
     @T.macro
     def load(src, t0, head, dst):

@@ -46,10 +46,7 @@ def build_chunk_scan(*, H: int, HV: int, K: int, V: int, in_dtype: str, normaliz
     N = T.dynamic("N")
     NV = (V + block_v - 1) // block_v
     load_state, store_state = state_tile_io(K, KP, V, block_v)
-    load, clear_pad = row_tile_io(K, KP)
-    if KP != K and num_stages != 1:
-        raise ValueError(f"num_stages={num_stages} with K={K} padded to {KP}: the pad columns are cleared once "
-                         "(one-stage loops only)")
+    load, clear_pad = row_tile_io(K, num_stages)
 
     @T.macro
     def rows_times_state(src, head, t0, eos, h_s, out_f):

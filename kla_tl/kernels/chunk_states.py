@@ -43,10 +43,7 @@ def build_chunk_states(*, H: int, HV: int, K: int, V: int, in_dtype: str, use_h0
     NCT = T.dynamic("NCT")
     NV = (V + block_v - 1) // block_v
     load_state, store_state = state_tile_io(K, KP, V, block_v)
-    load, clear_pad = row_tile_io(K, KP)
-    if KP != K and num_stages != 1:
-        raise ValueError(f"num_stages={num_stages} with K={K} padded to {KP}: the pad columns are cleared once "
-                         "(one-stage loops only)")
+    load, clear_pad = row_tile_io(K, num_stages)
     nd = n_dtype or st
 
     @T.prim_func
@@ -160,10 +157,7 @@ def build_chunk_dstates(*, H: int, HV: int, K: int, V: int, in_dtype: str, norma
     NCT = T.dynamic("NCT")
     NV = (V + block_v - 1) // block_v
     load_state, store_state = state_tile_io(K, KP, V, block_v)
-    load, clear_pad = row_tile_io(K, KP)
-    if KP != K and num_stages != 1:
-        raise ValueError(f"num_stages={num_stages} with K={K} padded to {KP}: the pad columns are cleared once "
-                         "(one-stage loops only)")
+    load, clear_pad = row_tile_io(K, num_stages)
     nd = n_dtype or st
     split = in_dtype != "float32"          # dS = hi + lo in the K dS product (float32 products are exact already)
 
