@@ -5,7 +5,8 @@ forward and the backward. Autograd, and the choice between these kernels and the
 Every call is run in packed form (B = 1, TT tokens): a dense batch [B, T] is a varlen batch of B sequences of T
 tokens, so one kernel variant serves both. Forward (:func:`chunk_fwd`): stage 1 (:mod:`kla_tl.kernels.chunk_prepare`)
 runs over all chunks in parallel; stage 2 (:mod:`kla_tl.kernels.chunk_scan`) walks each sequence's chunks in order.
-Backward (:func:`chunk_bwd`): stage 1 again (recomputed, not stored), the two state recurrences
+Backward (:func:`chunk_bwd`): stage 1 again (w and u recomputed from the L, Aqk, gates and norms the forward kept,
+:class:`Saved`; all of it when called without them), the two state recurrences
 (:mod:`kla_tl.kernels.chunk_states`: the state entering and the state gradient leaving every chunk), then the chunk
 gradients, chunk-parallel (:mod:`kla_tl.kernels.chunk_bwd_grads`).
 
@@ -16,7 +17,7 @@ warp specialization disabled), so that path is tested on real hardware.
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -106,22 +107,39 @@ def _schedule(spec, arch: str, key: dict, device) -> dict:
 
 
 def build_kernels(prob: Problem, arch: str, on_hopper: bool, *, scale: float, eps: float, use_h0: bool,
-                  device=None):
-    """Compiled (chunk_prepare, chunk_scan) for a problem and code path; no GPU needed (``device=None``)."""
+                  device=None, store_l: bool = False):
+    """Compiled (chunk_prepare, chunk_scan) for a problem and code path; no GPU needed (``device=None``).
+    ``store_l``: the prepare stage also stores L beside Aqk (aqk ``[1, TT, HV, 2 * CHUNK]``) for the backward."""
     from .kernels.chunk_fwd import PREPARE, SCAN
 
     key = problem_key(prob, use_h0=use_h0, store_ht=True)
     prep = PREPARE.build(arch, key, _schedule(PREPARE, arch, key, device), run_on_hopper=on_hopper,
-                         scale=scale, eps=eps)
+                         scale=scale, eps=eps, store_l=store_l)
     scan = SCAN.build(arch, key, _schedule(SCAN, arch, key, device), run_on_hopper=on_hopper,
-                      scale=scale, eps=eps)
+                      scale=scale, eps=eps, aqk_width=2 * CHUNK if store_l else CHUNK)
     return prep, scan
+
+
+class Saved(NamedTuple):
+    """What a forward that will be differentiated keeps for its backward (``chunk_fwd(..., save=True)``), so that
+    the backward's stage 1 only recomputes w and u (no Gram matrix, no triangular solve, no Aqk): the same
+    quantities fla keeps (its A, cumulated gates and norms), plus Aqk. Packed layout, as the kernels write them."""
+
+    #: [1, TT, HV, 2 * CHUNK] input dtype: Aqk, then L
+    aqk: torch.Tensor
+    #: [1, TT, HV] fp32 chunk-local cumulative gate
+    gcum: torch.Tensor
+    #: [1, TT, H] fp32 1 / sqrt(||k||^2 + eps)
+    rk: torch.Tensor
+    #: [1, TT, H] fp32 1 / |q| (written only with normalize_q)
+    rq: torch.Tensor
 
 
 class _Launch:
     """Packed inputs, intermediates and outputs of one forward call: the argument lists of the two kernels."""
 
-    def __init__(self, q, k, v, g, eta, *, prob: Problem, cu, initial_state, backward: bool = False):
+    def __init__(self, q, k, v, g, eta, *, prob: Problem, cu, initial_state, backward: bool = False,
+                 store_l: bool = False, saved: Optional["Saved"] = None):
         device = q.device
         TT, H, HV, K, V, N = prob.B * prob.T, prob.H, prob.HV, prob.K, prob.V, prob.N
         self.seqs, self.chunks, self.coff = _tables(prob, cu, device)
@@ -131,13 +149,18 @@ class _Launch:
         self.g = g.reshape(1, TT, HV).to(torch.float32).contiguous()
         self.eta = eta.reshape(1, TT, HV).to(torch.float32).contiguous()
         st = q.dtype
-        # the backward's prepare: u in fp32, and L stored beside Aqk (build_bwd_prepare_kernel)
+        # the backward's prepare: u in fp32, and L stored beside Aqk (build_bwd_prepare_kernel); with ``saved``
+        # (the forward's Aqk and L, gamma, 1/|k|, 1/|q|) it reads those instead of writing them
         self.w = torch.empty(1, TT, HV, K, dtype=st, device=device)
         self.u = torch.empty(1, TT, HV, V, dtype=getattr(torch, n_dtype_name(prob)) if backward else st, device=device)
-        self.aqk = torch.empty(1, TT, HV, 2 * CHUNK if backward else CHUNK, dtype=st, device=device)
-        self.gcum = torch.empty(1, TT, HV, dtype=torch.float32, device=device)
-        self.rq = torch.empty(1, TT, H, dtype=torch.float32, device=device)
-        self.rk = torch.empty(1, TT, H, dtype=torch.float32, device=device)
+        if saved is not None:
+            self.aqk, self.gcum, self.rk, self.rq = saved.aqk, saved.gcum, saved.rk, saved.rq
+        else:
+            aw = 2 * CHUNK if backward or store_l else CHUNK
+            self.aqk = torch.empty(1, TT, HV, aw, dtype=st, device=device)
+            self.gcum = torch.empty(1, TT, HV, dtype=torch.float32, device=device)
+            self.rq = torch.empty(1, TT, H, dtype=torch.float32, device=device)
+            self.rk = torch.empty(1, TT, H, dtype=torch.float32, device=device)
         self.o = torch.empty(1, TT, HV, V, dtype=q.dtype, device=device)
         self.ht = torch.empty(N, HV, K, V, dtype=torch.float32, device=device)
         self.h0 = initial_state.to(torch.float32).contiguous() if initial_state is not None else self.ht
@@ -247,14 +270,15 @@ def zparts(prob: Problem, arch: str) -> int:
     return -(-prob.V // dstate_schedule(arch, key)["block_v"])
 
 
-def build_bwd_prepare_kernel(prob: Problem, arch: str, on_hopper: bool, *, scale: float, eps: float, device=None):
-    """The forward's chunk_prepare (same schedule) writing u in fp32 and L beside Aqk, for the backward; no GPU
-    needed."""
+def build_bwd_prepare_kernel(prob: Problem, arch: str, on_hopper: bool, *, scale: float, eps: float, device=None,
+                             given_l: bool = False):
+    """The forward's chunk_prepare (same schedule) writing u in fp32 and L beside Aqk, for the backward; with
+    ``given_l``, reading the forward's :class:`Saved` and writing only w and u. No GPU needed."""
     from .kernels.chunk_fwd import PREPARE
 
     key = problem_key(prob, use_h0=prob.use_h0, store_ht=True)
     return PREPARE.build(arch, key, _schedule(PREPARE, arch, key, device), run_on_hopper=on_hopper, scale=scale,
-                         eps=eps, u_dtype=n_dtype_name(prob), store_l=True)
+                         eps=eps, u_dtype=n_dtype_name(prob), store_l=True, given_l=given_l)
 
 
 def build_states_kernel(prob: Problem, arch: str, on_hopper: bool, *, use_h0: bool):
@@ -306,8 +330,10 @@ def build_bwd_grads_kernel(prob: Problem, arch: str, on_hopper: bool, *, scale: 
                                  fuse_group=fuse_group(prob, arch))
 
 
-def chunk_fwd(q, k, v, g, eta, *, prob: Problem, cu, scale, eps, normalize_q, initial_state, output_final_state):
-    """Run the two forward kernels; returns (o [B, T, HV, V], final_state [N, HV, K, V] fp32 or None)."""
+def chunk_fwd(q, k, v, g, eta, *, prob: Problem, cu, scale, eps, normalize_q, initial_state, output_final_state,
+              save: bool = False):
+    """Run the two forward kernels; returns (o [B, T, HV, V], final_state [N, HV, K, V] fp32 or None, saved):
+    ``saved`` is the :class:`Saved` for :func:`chunk_bwd` with ``save`` (None without it, or with no tokens)."""
     device = q.device
     B, T, H, HV, K, V, N = prob.B, prob.T, prob.H, prob.HV, prob.K, prob.V, prob.N
     TT = B * T
@@ -318,31 +344,35 @@ def chunk_fwd(q, k, v, g, eta, *, prob: Problem, cu, scale, eps, normalize_q, in
         if output_final_state:
             ht = (initial_state.float().clone() if initial_state is not None
                   else torch.zeros(N, HV, K, V, dtype=torch.float32, device=device))
-        return o, ht
+        return o, ht, None
     arch, on_hopper = select_arch(device)
     prep, scan = build_kernels(prob, arch, on_hopper, scale=scale, eps=eps, use_h0=initial_state is not None,
-                               device=device)
-    run = _Launch(q, k, v, g, eta, prob=prob, cu=cu, initial_state=initial_state)
+                               device=device, store_l=save)
+    run = _Launch(q, k, v, g, eta, prob=prob, cu=cu, initial_state=initial_state, store_l=save)
     run.prepare(prep)
     run.scan(scan)
-    return run.o.reshape(B, T, HV, V), (run.ht if output_final_state else None)
+    saved = Saved(run.aqk, run.gcum, run.rk, run.rq) if save else None
+    return run.o.reshape(B, T, HV, V), (run.ht if output_final_state else None), saved
 
 
 def bwd_prepared(q, k, v, g, eta, *, prob: Problem, cu, initial_state, arch: str, on_hopper: bool, scale: float,
-                 eps: float) -> "_Launch":
-    """The backward's launch state after its stage 1 (chunk_prepare recomputed, u in fp32, L stored): ready for
-    :meth:`_Launch.states`."""
-    prep = build_bwd_prepare_kernel(prob, arch, on_hopper, scale=scale, eps=eps, device=q.device)
-    run = _Launch(q, k, v, g, eta, prob=prob, cu=cu, initial_state=initial_state, backward=True)
+                 eps: float, saved: Optional[Saved] = None) -> "_Launch":
+    """The backward's launch state after its stage 1 (chunk_prepare recomputed, u in fp32, L stored; with the
+    forward's ``saved``, only w and u recomputed): ready for :meth:`_Launch.states`."""
+    prep = build_bwd_prepare_kernel(prob, arch, on_hopper, scale=scale, eps=eps, device=q.device,
+                                    given_l=saved is not None)
+    run = _Launch(q, k, v, g, eta, prob=prob, cu=cu, initial_state=initial_state, backward=True, saved=saved)
     run.prepare(prep)
     return run
 
 
-def chunk_bwd(q, k, v, g, eta, do, dht, *, prob: Problem, cu, scale, eps, normalize_q, initial_state) -> dict:
+def chunk_bwd(q, k, v, g, eta, do, dht, *, prob: Problem, cu, scale, eps, normalize_q, initial_state,
+              saved: Optional[Saved] = None) -> dict:
     """The backward kernels: gradients of q, k, v, g, eta and initial_state as a dict (``dh0`` None without
     initial_state), each in its input's shape and dtype.
 
-    Recomputes the forward's chunk intermediates (chunk_prepare, u in fp32), then: the states entering every chunk
+    Recomputes the forward's chunk intermediates (chunk_prepare, u in fp32; with the forward's ``saved``
+    (:class:`Saved`) only w and u, from its L), then: the states entering every chunk
     (chunk_states), the state gradients leaving every chunk (chunk_dstates), and every gradient of every chunk in
     one kernel (chunk_bwd_grads; on the Ampere path with GVA, dq and dk per value head and one sum over each group
     in torch). The per-chunk states and state gradients are stored ([NC, HV, K, V] each, in the input dtype), as
@@ -356,7 +386,7 @@ def chunk_bwd(q, k, v, g, eta, do, dht, *, prob: Problem, cu, scale, eps, normal
         return dict(grads, dh0=dh0)
     arch, on_hopper = select_arch(q.device)
     run = bwd_prepared(q, k, v, g, eta, prob=prob, cu=cu, initial_state=initial_state, arch=arch,
-                       on_hopper=on_hopper, scale=scale, eps=eps)
+                       on_hopper=on_hopper, scale=scale, eps=eps, saved=saved)
     run.states(build_states_kernel(prob, arch, on_hopper, use_h0=initial_state is not None))
     run.dstates(build_dstates_kernel(prob, arch, on_hopper, scale=scale, use_dht=dht is not None), do, dht,
                 zparts(prob, arch))

@@ -23,9 +23,17 @@ or the gradient of an absent ``initial_state``) is an empty ``[0, HV, K, V]`` pl
 Schemas (tensors positional, options keyword-only)::
 
     kla_tl::chunk_fwd(q, k, v, g, eta, initial_state?, cu_seqlens?, *, scale, eps, normalize_q,
-                      output_final_state) -> (o [B, T, HV, V] q.dtype, final_state [N | 0, HV, K, V])
-    kla_tl::chunk_bwd(q, k, v, g, eta, initial_state?, cu_seqlens?, do, dht?, *, scale, eps, normalize_q)
-                      -> (dq, dk, dv, dg, deta, dh0 [N | 0, HV, K, V]), each in its input's shape and dtype
+                      output_final_state, save_for_backward=False)
+                      -> (o [B, T, HV, V] q.dtype, final_state [N | 0, HV, K, V], aqk, gcum, rk, rq)
+    kla_tl::chunk_bwd(q, k, v, g, eta, initial_state?, cu_seqlens?, do, dht?, aqk?, gcum?, rk?, rq?, *, scale, eps,
+                      normalize_q) -> (dq, dk, dv, dg, deta, dh0 [N | 0, HV, K, V]), each in its input's shape and dtype
+
+What the forward keeps for the backward: ``chunk_kla`` sets ``save_for_backward`` when autograd will need a
+gradient, and where the TileLang backward serves the call (:func:`saves_for_backward`) the forward then returns its
+kernels' L (beside Aqk), chunk-local cumulative gates and key/query norms (:class:`kla_tl.chunk.Saved`,
+``[1, B * T, HV, 128]`` in q's dtype and three fp32 ``[1, B * T, HV | H]``), which autograd hands to the backward:
+its first stage then recomputes only w and u instead of solving every chunk's triangular system again. That is
+what fla keeps too (its A, gates and norms), plus Aqk. Otherwise the four are empty placeholders.
 
 Host reads: validating ``cu_seqlens`` reads its values on the host. Under ``torch.compile`` that read would be
 data-dependent (``fullgraph=True`` fails), so while tracing :func:`check_chunk_inputs` leaves ``cu_seqlens`` and
@@ -49,9 +57,42 @@ FN = "chunk_kla"
 INPUT_NAMES = ("q", "k", "v", "g", "eta", "initial_state", "cu_seqlens")
 #: Outputs of ``kla_tl::chunk_bwd``, in order: one gradient per differentiable input (cu_seqlens is not one).
 GRAD_NAMES = INPUT_NAMES[:6]
+#: What the forward may keep for the backward (outputs 2.. of ``kla_tl::chunk_fwd``, optional inputs of
+#: ``kla_tl::chunk_bwd`` after dht): the fields of :class:`kla_tl.chunk.Saved`.
+SAVED_NAMES = ("aqk", "gcum", "rk", "rq")
 def _absent_state(q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """The empty ``[0, HV, K, V]`` stand-in for a state (or state gradient) that is not there."""
     return q.new_empty(0, v.shape[2], q.shape[3], v.shape[3], dtype=state_dtype_for(q.dtype))
+
+
+def saves_for_backward(q: torch.Tensor, v: torch.Tensor, initial_state: Optional[torch.Tensor],
+                       cu_seqlens: Optional[torch.Tensor], normalize_q: bool) -> bool:
+    """Whether a forward asked to save for its backward (``save_for_backward=True``) returns the kernels'
+    intermediates (:class:`kla_tl.chunk.Saved`): exactly when the TileLang backward will serve the call. Decided on
+    metadata alone, so the fake implementation agrees with the real one."""
+    from .chunk import chunk_bwd_refusal
+    from .conventions import Problem
+
+    B, T, H, K = q.shape
+    prob = Problem(B=B, T=T, H=H, HV=v.shape[2], K=K, V=v.shape[3], N=_num_seqs(q, initial_state, cu_seqlens),
+                   dtype=q.dtype, is_varlen=cu_seqlens is not None, use_h0=initial_state is not None,
+                   normalize_q=normalize_q)
+    return chunk_bwd_refusal(prob, q.device) is None
+
+
+def _saved_shapes(q: torch.Tensor, v: torch.Tensor) -> tuple:
+    """((shape, dtype) of aqk, gcum, rk, rq) of :class:`kla_tl.chunk.Saved` for these inputs (packed layout)."""
+    from .conventions import CHUNK
+
+    B, T, H, _ = q.shape
+    TT, HV = B * T, v.shape[2]
+    f32 = torch.float32
+    return (((1, TT, HV, 2 * CHUNK), q.dtype), ((1, TT, HV), f32), ((1, TT, H), f32), ((1, TT, H), f32))
+
+
+def _no_saved(q: torch.Tensor) -> tuple:
+    """The four empty placeholders returned in place of :class:`kla_tl.chunk.Saved` when nothing is saved."""
+    return tuple(q.new_empty(0, dtype=torch.float32) for _ in range(4))
 
 
 def _num_seqs(q: torch.Tensor, initial_state: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor]):
@@ -69,11 +110,15 @@ def _num_seqs(q: torch.Tensor, initial_state: Optional[torch.Tensor], cu_seqlens
 @torch.library.custom_op("kla_tl::chunk_fwd", mutates_args=())
 def chunk_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, eta: torch.Tensor,
                  initial_state: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor], *, scale: float,
-                 eps: float, normalize_q: bool, output_final_state: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                 eps: float, normalize_q: bool, output_final_state: bool, save_for_backward: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Chunkwise KLA forward on real tensors: TileLang kernels where they serve the call, else the reference.
 
     Arguments as :func:`kla_tl.chunk_kla`, with ``scale`` resolved (``K ** -0.5`` by default) by the caller.
-    Returns ``(o, final_state)``; final_state is the empty placeholder when ``output_final_state`` is False.
+    Returns ``(o, final_state, aqk, gcum, rk, rq)``; final_state is the empty placeholder when
+    ``output_final_state`` is False. The last four are the kernels' intermediates for the backward
+    (:class:`kla_tl.chunk.Saved`) when ``save_for_backward`` is set and :func:`saves_for_backward` holds, else
+    empty placeholders.
     """
     # The operator re-derives (problem, host cu_seqlens) itself: it needs them to plan the launch, and under
     # torch.compile this is where cu_seqlens is first validated (see check_chunk_inputs).
@@ -83,9 +128,14 @@ def chunk_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Ten
 
     # needs_grad=False: the backward is kla_tl::chunk_bwd's business, so only the forward is asked for here.
     reason = chunk_refusal(prob, q.device, needs_grad=False)
+    save = save_for_backward and saves_for_backward(q, v, initial_state, cu_seqlens, normalize_q)
+    saved = _no_saved(q)
     if reason is None:
-        o, ht = kernel_fwd(q, k, v, g, eta, prob=prob, cu=cu, scale=scale, eps=eps, normalize_q=normalize_q,
-                           initial_state=initial_state, output_final_state=output_final_state)
+        o, ht, kept = kernel_fwd(q, k, v, g, eta, prob=prob, cu=cu, scale=scale, eps=eps, normalize_q=normalize_q,
+                                 initial_state=initial_state, output_final_state=output_final_state, save=save)
+        if save:       # (no tokens: nothing was run, nothing kept)
+            saved = tuple(kept) if kept is not None else tuple(
+                torch.empty(sh, dtype=dt, device=q.device) for sh, dt in _saved_shapes(q, v))
     else:
         if q.device.type == "cuda":
             dispatch.warn_once(FN, reason)
@@ -94,17 +144,21 @@ def chunk_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Ten
                                         initial_state=initial_state, output_final_state=output_final_state,
                                         cu_seqlens=cu_seqlens)
     # Outputs are fresh, dense tensors (what the fake implementation promises).
-    return o.contiguous(), (ht.contiguous() if ht is not None else _absent_state(q, v))
+    return (o.contiguous(), (ht.contiguous() if ht is not None else _absent_state(q, v)), *saved)
 
 
 @chunk_fwd_op.register_fake
-def _chunk_fwd_fake(q, k, v, g, eta, initial_state, cu_seqlens, *, scale, eps, normalize_q, output_final_state):
+def _chunk_fwd_fake(q, k, v, g, eta, initial_state, cu_seqlens, *, scale, eps, normalize_q, output_final_state,
+                    save_for_backward=False):
     B, T, _, K = q.shape
     HV, V = v.shape[2], v.shape[3]
     o = q.new_empty(B, T, HV, V)
+    saved = _no_saved(q)
+    if save_for_backward and saves_for_backward(q, v, initial_state, cu_seqlens, normalize_q):
+        saved = tuple(q.new_empty(sh, dtype=dt) for sh, dt in _saved_shapes(q, v))
     if not output_final_state:
-        return o, _absent_state(q, v)
-    return o, q.new_empty(_num_seqs(q, initial_state, cu_seqlens), HV, K, V, dtype=state_dtype_for(q.dtype))
+        return (o, _absent_state(q, v), *saved)
+    return (o, q.new_empty(_num_seqs(q, initial_state, cu_seqlens), HV, K, V, dtype=state_dtype_for(q.dtype)), *saved)
 
 
 # -------------------------------------------------------------------------------------------------- backward
@@ -113,7 +167,9 @@ def _chunk_fwd_fake(q, k, v, g, eta, initial_state, cu_seqlens, *, scale, eps, n
 @torch.library.custom_op("kla_tl::chunk_bwd", mutates_args=())
 def chunk_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, eta: torch.Tensor,
                  initial_state: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor], do: torch.Tensor,
-                 dht: Optional[torch.Tensor], *, scale: float, eps: float, normalize_q: bool
+                 dht: Optional[torch.Tensor], aqk: Optional[torch.Tensor] = None, gcum: Optional[torch.Tensor] = None,
+                 rk: Optional[torch.Tensor] = None, rq: Optional[torch.Tensor] = None, *, scale: float, eps: float,
+                 normalize_q: bool
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of the chunkwise KLA forward: ``(dq, dk, dv, dg, deta, dh0)``, in :data:`GRAD_NAMES` order.
 
@@ -121,6 +177,8 @@ def chunk_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Ten
         q, k, v, g, eta, initial_state, cu_seqlens, scale, eps, normalize_q: the forward's inputs.
         do: ``[B, T, HV, V]`` gradient of o (o's dtype).
         dht: ``[N, HV, K, V]`` gradient of the final state, or None (the state was not an output).
+        aqk, gcum, rk, rq: what ``kla_tl::chunk_fwd`` returned with ``save_for_backward`` (or None, or its empty
+            placeholders): the backward kernels then recompute only w and u. Ignored by the torch backward.
 
     Returns:
         Each gradient in its input's shape and dtype, dense; dh0 is the empty placeholder without initial_state.
@@ -137,8 +195,18 @@ def chunk_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Ten
 
     reason = chunk_bwd_refusal(prob, q.device)
     if reason is None:
+        saved = None
+        if aqk is not None and aqk.numel() > 0:
+            from .chunk import Saved
+
+            saved = Saved(aqk, gcum, rk, rq)
+            for (shape, dtype), (name, x) in zip(_saved_shapes(q, v), zip(Saved._fields, saved)):
+                if x is None or tuple(x.shape) != shape or x.dtype != dtype or not x.is_contiguous():
+                    raise ValueError(f"{FN}: saved {name} must be a contiguous {shape} {dtype} tensor (as the "
+                                     f"forward returned it), got "
+                                     f"{None if x is None else (tuple(x.shape), x.dtype)}")
         gr = kernel_bwd(q, k, v, g, eta, do, dht, prob=prob, cu=cu, scale=scale, eps=eps, normalize_q=normalize_q,
-                        initial_state=initial_state)
+                        initial_state=initial_state, saved=saved)
     else:
         if q.device.type == "cuda":
             dispatch.warn_once(FN, f"backward: {reason}; runs the chunk-parallel torch backward")
@@ -156,7 +224,8 @@ def chunk_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Ten
 
 
 @chunk_bwd_op.register_fake
-def _chunk_bwd_fake(q, k, v, g, eta, initial_state, cu_seqlens, do, dht, *, scale, eps, normalize_q):
+def _chunk_bwd_fake(q, k, v, g, eta, initial_state, cu_seqlens, do, dht, aqk=None, gcum=None, rk=None, rq=None, *,
+                    scale, eps, normalize_q):
     grads = tuple(torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v, g, eta))
     dh0 = (torch.empty(initial_state.shape, dtype=initial_state.dtype, device=initial_state.device)
            if initial_state is not None else _absent_state(q, v))
@@ -167,7 +236,9 @@ def _chunk_bwd_fake(q, k, v, g, eta, initial_state, cu_seqlens, do, dht, *, scal
 
 
 def _setup_context(ctx, inputs, keyword_only_inputs, output):
-    ctx.save_for_backward(*inputs)  # q, k, v, g, eta, initial_state, cu_seqlens (None entries allowed)
+    # q, k, v, g, eta, initial_state, cu_seqlens (None entries allowed), then the kernels' aqk, gcum, rk, rq
+    ctx.save_for_backward(*inputs, *output[2:])
+    ctx.mark_non_differentiable(*output[2:])
     ctx.scale = keyword_only_inputs["scale"]
     ctx.eps = keyword_only_inputs["eps"]
     ctx.normalize_q = keyword_only_inputs["normalize_q"]
@@ -181,13 +252,13 @@ def grads_to_inputs(grads: tuple, needs_input_grad: tuple) -> tuple:
     return tuple(by_name[n] if (n in by_name and need) else None for n, need in zip(INPUT_NAMES, needs_input_grad))
 
 
-def _backward(ctx, do, dht):
-    q, k, v, g, eta, h0, cu = ctx.saved_tensors
+def _backward(ctx, do, dht, *_saved_grads):
+    q, k, v, g, eta, h0, cu, *saved = ctx.saved_tensors
     if do is None:  # o unused (autograd normally materializes zeros; be safe under other callers)
         do = q.new_zeros(q.shape[0], q.shape[1], v.shape[2], v.shape[3])
     if not ctx.output_final_state:
         dht = None  # the placeholder state carries no gradient
-    grads = torch.ops.kla_tl.chunk_bwd(q, k, v, g, eta, h0, cu, do, dht, scale=ctx.scale, eps=ctx.eps,
+    grads = torch.ops.kla_tl.chunk_bwd(q, k, v, g, eta, h0, cu, do, dht, *saved, scale=ctx.scale, eps=ctx.eps,
                                        normalize_q=ctx.normalize_q)
     return grads_to_inputs(grads, ctx.needs_input_grad)
 
@@ -223,6 +294,10 @@ def chunk_kla_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Ten
     scale (``K ** -0.5``) and turns the placeholder state back into None.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    o, ht = torch.ops.kla_tl.chunk_fwd(q, k, v, g, eta, initial_state, cu_seqlens, scale=scale, eps=float(eps),
-                                       normalize_q=normalize_q, output_final_state=output_final_state)
+    # a forward that will be differentiated keeps the kernels' L, Aqk, gates and norms for the backward
+    save = torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad
+                                           for x in (q, k, v, g, eta, initial_state))
+    o, ht, *_ = torch.ops.kla_tl.chunk_fwd(q, k, v, g, eta, initial_state, cu_seqlens, scale=scale, eps=float(eps),
+                                           normalize_q=normalize_q, output_final_state=output_final_state,
+                                           save_for_backward=save)
     return o, (ht if output_final_state else None)

@@ -60,3 +60,34 @@ def test_backward_kernel_chain_matches_the_reference_backward(path, K, V, normal
         assert torch.isfinite(x).all(), f"{name} has non-finite entries"
         assert_rel_close(name, x, want[name], tol)
     assert_rel_close("dh0", got["dh0"], want["dh0"], tol)
+
+
+@pytest.mark.parametrize("path", ["sm_90a", "sm_80"], indirect=True)
+@pytest.mark.parametrize("K,V,dtype", [(128, 128, torch.bfloat16), (96, 192, torch.bfloat16), (64, 64, torch.float32)],
+                         ids=["128-128-bf16", "96-192-bf16", "64-64-fp32"])
+def test_backward_from_the_forwards_saved_intermediates_equals_the_full_recomputation(path, K, V, dtype):
+    """A forward with ``save=True`` keeps L beside Aqk, the cumulative gates and the norms; the backward given them
+    recomputes only w and u (chunk_prepare with ``given_l``). Same arithmetic on the same bits as recomputing
+    everything, so every gradient must be bit-identical to :func:`kla_tl.chunk.chunk_bwd` without them, and the
+    forward's output must not change (varlen with an empty sequence and partial chunks, GVA 2/4, initial state,
+    final-state gradient; every buffer starts as NaN)."""
+    from kla_tl import chunk as CH
+    from kla_tl.conventions import check_inputs
+
+    cu = [0, 130, 130, 330]
+    inp = make_inputs(1, 330, 2, 4, K, V, dtype, "cuda", with_h0=True, cu_seqlens=cu)
+    do = torch.randn(1, 330, 4, V, device="cuda").to(dtype)
+    dht = torch.randn(3, 4, K, V, device="cuda")
+    prob, cul = check_inputs("test", *inp.args(), normalize_q=True, **inp.kwargs())
+    kw = dict(prob=prob, cu=cul, scale=K ** -0.5, eps=1e-6, normalize_q=True, initial_state=inp.initial_state)
+    o_plain, ht_plain, none = CH.chunk_fwd(*inp.args(), output_final_state=True, **kw)
+    o, ht, saved = CH.chunk_fwd(*inp.args(), output_final_state=True, save=True, **kw)
+    assert none is None and saved is not None
+    assert torch.equal(o, o_plain) and torch.equal(ht, ht_plain), "saving L changed the forward's results"
+    full = CH.chunk_bwd(*inp.args(), do, dht, **kw)
+    given = CH.chunk_bwd(*inp.args(), do, dht, saved=saved, **kw)
+    torch.cuda.synchronize()
+    for name in ("dq", "dk", "dv", "dg", "deta", "dh0"):
+        a, b = given[name], full[name]
+        assert torch.isfinite(a).all(), f"{name} has non-finite entries"
+        assert torch.equal(a, b), f"{name}: max |difference| {(a.float() - b.float()).abs().max().item():.3e}"

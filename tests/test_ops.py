@@ -77,10 +77,11 @@ def test_schemas_match_the_grad_name_map():
     and the autograd formula one entry per positional input of the forward."""
     fwd_args = FWD._schema.arguments
     assert tuple(a.name for a in fwd_args if not a.kwarg_only) == ops.INPUT_NAMES
-    assert {a.name for a in fwd_args if a.kwarg_only} == {"scale", "eps", "normalize_q", "output_final_state"}
-    assert len(FWD._schema.returns) == 2
+    assert {a.name for a in fwd_args if a.kwarg_only} == {"scale", "eps", "normalize_q", "output_final_state",
+                                                          "save_for_backward"}
+    assert len(FWD._schema.returns) == 2 + len(ops.SAVED_NAMES)
     bwd_args = BWD._schema.arguments
-    assert tuple(a.name for a in bwd_args if not a.kwarg_only) == ops.INPUT_NAMES + ("do", "dht")
+    assert tuple(a.name for a in bwd_args if not a.kwarg_only) == ops.INPUT_NAMES + ("do", "dht") + ops.SAVED_NAMES
     assert {a.name for a in bwd_args if a.kwarg_only} == {"scale", "eps", "normalize_q"}
     assert len(BWD._schema.returns) == len(ops.GRAD_NAMES) == len(ops.INPUT_NAMES) - 1
     grads = tuple(torch.full((1,), float(i)) for i in range(len(ops.GRAD_NAMES)))
@@ -93,11 +94,21 @@ def test_schemas_match_the_grad_name_map():
 # ---------------------------------------------------------------------------------------------------- opcheck
 
 
-@pytest.mark.parametrize("case,dtype", [("varlen_h0_state", F32), ("dense", F64)], ids=["varlen_f32", "dense_f64"])
-def test_opcheck_chunk_fwd(case, dtype):
+@pytest.mark.parametrize("case,dtype,save", [("varlen_h0_state", F32, False), ("dense", F64, True)],
+                         ids=["varlen_f32", "dense_f64_save"])
+def test_opcheck_chunk_fwd(case, dtype, save):
     inp, opts = _inputs(case, dtype, requires_grad=True)
     args, kw = _op_args(inp, **opts)
-    torch.library.opcheck(FWD, args, kw)
+    torch.library.opcheck(FWD, args, dict(kw, save_for_backward=save))
+
+
+def test_cpu_forward_keeps_nothing_for_the_backward():
+    """On CPU the torch backward serves the call, so a forward asked to save returns the empty placeholders."""
+    inp, opts = _inputs("dense", F32)
+    args, kw = _op_args(inp, **opts)
+    out = FWD(*args, **dict(kw, save_for_backward=True))
+    assert not ops.saves_for_backward(inp.q, inp.v, None, None, kw["normalize_q"])
+    assert [tuple(x.shape) for x in out[2:]] == [(0,)] * len(ops.SAVED_NAMES)
 
 
 @pytest.mark.parametrize("case,dtype,with_dht", [("varlen_h0_state", F32, True), ("dense", F64, False)],

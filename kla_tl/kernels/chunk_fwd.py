@@ -103,7 +103,7 @@ def _target(arch: str, run_on_hopper: bool):
 
 
 def build_prepare(arch: str, key: dict, schedule: dict, *, run_on_hopper: bool = False, scale=None, eps=1e-6,
-                  u_dtype=None, store_l=False):
+                  u_dtype=None, store_l=False, given_l=False):
     from .chunk_prepare import build_chunk_prepare
 
     target, pcs = _target(arch, run_on_hopper)
@@ -111,10 +111,11 @@ def build_prepare(arch: str, key: dict, schedule: dict, *, run_on_hopper: bool =
                                normalize_q=bool(key.get("normalize_q", False)),
                                scale=float(key["K"] ** -0.5 if scale is None else scale), eps=float(eps),
                                threads=schedule["threads"], target=target, pass_configs=pcs, u_dtype=u_dtype,
-                               store_l=store_l)
+                               store_l=store_l, given_l=given_l)
 
 
-def build_scan(arch: str, key: dict, schedule: dict, *, run_on_hopper: bool = False, scale=None, eps=1e-6):
+def build_scan(arch: str, key: dict, schedule: dict, *, run_on_hopper: bool = False, scale=None, eps=1e-6,
+               aqk_width=64):
     from .chunk_scan import build_chunk_scan
 
     target, pcs = _target(arch, run_on_hopper)
@@ -125,7 +126,7 @@ def build_scan(arch: str, key: dict, schedule: dict, *, run_on_hopper: bool = Fa
                             scale=float(key["K"] ** -0.5 if scale is None else scale), eps=float(eps),
                             use_h0=bool(key.get("use_h0", False)), store_ht=bool(key.get("store_ht", True)),
                             block_v=schedule["block_v"], threads=schedule["threads"],
-                            num_stages=schedule["num_stages"], target=target, pass_configs=pcs)
+                            num_stages=schedule["num_stages"], target=target, pass_configs=pcs, aqk_width=aqk_width)
 
 
 def _key(H, HV, K, V, dtype="bfloat16", normalize_q=True, use_h0=False, store_ht=True, tiles="many"):

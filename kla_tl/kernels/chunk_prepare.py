@@ -43,10 +43,12 @@ C = 64
 @functools.lru_cache(maxsize=None)
 def build_chunk_prepare(*, H: int, HV: int, K: int, V: int, in_dtype: str, normalize_q: bool, scale: float,
                         eps: float, threads: int, target: str, pass_configs: tuple = (), u_dtype: str = None,
-                        store_l: bool = False):
+                        store_l: bool = False, given_l: bool = False):
     """Compile the chunk-preparation kernel (no GPU needed). ``target`` is a JSON target string; ``u_dtype`` the dtype
     of u (default: the input dtype); ``store_l``: aqk is ``[1, TT, HV, 2C]`` and holds L (as the GEMMs use it, in the
-    input dtype) in its second half, for the backward."""
+    input dtype) in its second half, for the backward. ``given_l`` (implies ``store_l``): the backward's
+    recomputation from a forward that stored L: aqk, gcum, rk and rq are inputs (never written), L is read from
+    aqk, and only w and u are computed (no Gram matrix, no solve, no Aqk; q is not read)."""
     import json
 
     G = HV // H
@@ -60,6 +62,7 @@ def build_chunk_prepare(*, H: int, HV: int, K: int, V: int, in_dtype: str, norma
     lean = lean_prepare(in_dtype, K, V)
     ud = u_dtype or st
     exact_u = ud != st and not lean          # U = (L diag(eta / r)) V from the exact V, staged in fp32
+    store_l = store_l or given_l
     AW = 2 * C if store_l else C             # aqk row: Aqk, then L (store_l)
     TT = T.dynamic("TT")
     NC = T.dynamic("NC")
@@ -120,9 +123,10 @@ def build_chunk_prepare(*, H: int, HV: int, K: int, V: int, in_dtype: str, norma
             # gamma = cumsum(g) (chunk-local)
             T.copy(g_s, gam_s)
             T.cumsum(gam_s, dim=0)
-            for i in T.Parallel(C):
-                if t0 + i < eos:
-                    gcum[0, t0 + i, hv] = gam_s[i]
+            if not given_l:
+                for i in T.Parallel(C):
+                    if t0 + i < eos:
+                        gcum[0, t0 + i, hv] = gam_s[i]
 
             # r_i = sqrt(||k_i||^2 + eps) in fp32;  k^ = k / r;  Y = diag(eta e^gamma) K^
             T.copy(k_s, kf)
@@ -131,7 +135,7 @@ def build_chunk_prepare(*, H: int, HV: int, K: int, V: int, in_dtype: str, norma
             T.reduce_sum(ksq, dsum, dim=1)
             for i in T.Parallel(C):
                 rinv_s[i] = T.rsqrt(dsum[i] + eps)
-            if hv % G == 0:
+            if hv % G == 0 and not given_l:
                 for i in T.Parallel(C):
                     if t0 + i < eos:
                         rk[0, t0 + i, hk] = rinv_s[i]
@@ -151,44 +155,49 @@ def build_chunk_prepare(*, H: int, HV: int, K: int, V: int, in_dtype: str, norma
                     for i, d in T.Parallel(C, V):
                         x_s[i, d] = eta_s[i] * rinv_s[i] * vf[i, d]
 
-            # q^ = q / |q| (optional)
-            for i, d in T.Parallel(C, KP):
-                qf[i, d] = T.if_then_else(t0 + i < eos and d < K, q[0, t0 + i, hk, d], T.cast(0, in_dtype))
-            if normalize_q:
-                for i, d in T.Parallel(C, KP):
-                    qsq[i, d] = qf[i, d] * qf[i, d]
-                T.reduce_sum(qsq, qsum, dim=1)
-                for i, d in T.Parallel(C, KP):
-                    qh_s[i, d] = qf[i, d] * T.rsqrt(qsum[i] + 1e-6)
-                if hv % G == 0:
-                    for i in T.Parallel(C):
-                        if t0 + i < eos:
-                            rq[0, t0 + i, hk] = T.rsqrt(qsum[i] + 1e-6)
+            if given_l:
+                # L from the forward (rows past the sequence end: zeros, they hold the next sequence's rows)
+                for i, j in T.Parallel(C, C):
+                    lb_s[i, j] = T.if_then_else(t0 + i < eos, aqk[0, t0 + i, hv, C + j], T.cast(0, st))
             else:
-                T.copy(qf, qh_s)
+                # q^ = q / |q| (optional)
+                for i, d in T.Parallel(C, KP):
+                    qf[i, d] = T.if_then_else(t0 + i < eos and d < K, q[0, t0 + i, hk, d], T.cast(0, in_dtype))
+                if normalize_q:
+                    for i, d in T.Parallel(C, KP):
+                        qsq[i, d] = qf[i, d] * qf[i, d]
+                    T.reduce_sum(qsq, qsum, dim=1)
+                    for i, d in T.Parallel(C, KP):
+                        qh_s[i, d] = qf[i, d] * T.rsqrt(qsum[i] + 1e-6)
+                    if hv % G == 0:
+                        for i in T.Parallel(C):
+                            if t0 + i < eos:
+                                rq[0, t0 + i, hk] = T.rsqrt(qsum[i] + 1e-6)
+                else:
+                    T.copy(qf, qh_s)
 
-            # A = StrictLower(diag(eta) K^ K^^T * Gam)
-            gemm(k_s, k_s, gram, transpose_B=True, clear_accum=True)
-            for i, j in T.Parallel(C, C):
-                a_s[i, j] = T.if_then_else(
-                    i > j, eta_s[i] * gram[i, j] * T.exp2((gam_s[i] - gam_s[j]) * LOG2E), 0.0)
+                # A = StrictLower(diag(eta) K^ K^^T * Gam)
+                gemm(k_s, k_s, gram, transpose_B=True, clear_accum=True)
+                for i, j in T.Parallel(C, C):
+                    a_s[i, j] = T.if_then_else(
+                        i > j, eta_s[i] * gram[i, j] * T.exp2((gam_s[i] - gam_s[j]) * LOG2E), 0.0)
 
-            # Aqk = scale (q^ K^^T) * Gam, lower triangle including the diagonal. Every output goes fragment ->
-            # shared -> global, so the global stores are row-contiguous 16-byte vectors (storing straight from the
-            # MMA fragment layout cost more than all the rest of this kernel on an H100).
-            gemm(qh_s, k_s, s_f, transpose_B=True, clear_accum=True)
-            for i, j in T.Parallel(C, C):
-                lb_s[i, j] = T.if_then_else(i >= j, scale * s_f[i, j] * T.exp2((gam_s[i] - gam_s[j]) * LOG2E), 0.0)
-            for i, j in T.Parallel(C, C):
-                if t0 + i < eos:
-                    aqk[0, t0 + i, hv, j] = lb_s[i, j]
-
-            # L = (I + A)^-1 by forward substitution in registers (the big fragments above are dead here)
-            inverse(a_s, lb_s, lcol, part)
-            if store_l:
+                # Aqk = scale (q^ K^^T) * Gam, lower triangle including the diagonal. Every output goes fragment ->
+                # shared -> global, so the global stores are row-contiguous 16-byte vectors (storing straight from the
+                # MMA fragment layout cost more than all the rest of this kernel on an H100).
+                gemm(qh_s, k_s, s_f, transpose_B=True, clear_accum=True)
+                for i, j in T.Parallel(C, C):
+                    lb_s[i, j] = T.if_then_else(i >= j, scale * s_f[i, j] * T.exp2((gam_s[i] - gam_s[j]) * LOG2E), 0.0)
                 for i, j in T.Parallel(C, C):
                     if t0 + i < eos:
-                        aqk[0, t0 + i, hv, C + j] = lb_s[i, j]
+                        aqk[0, t0 + i, hv, j] = lb_s[i, j]
+
+                # L = (I + A)^-1 by forward substitution in registers (the big fragments above are dead here)
+                inverse(a_s, lb_s, lcol, part)
+                if store_l:
+                    for i, j in T.Parallel(C, C):
+                        if t0 + i < eos:
+                            aqk[0, t0 + i, hv, C + j] = lb_s[i, j]
 
             if not lean:
                 # W = L Y,  U = L X  (staged through the now free Y, X tiles)

@@ -31,8 +31,9 @@ C = 64
 @functools.lru_cache(maxsize=None)
 def build_chunk_scan(*, H: int, HV: int, K: int, V: int, in_dtype: str, normalize_q: bool, scale: float, eps: float,
                      use_h0: bool, store_ht: bool, block_v: int, threads: int, num_stages: int, target: str,
-                     pass_configs: tuple = ()):
-    """Compile the scan+output kernel (no GPU needed). ``target`` is a JSON target string."""
+                     pass_configs: tuple = (), aqk_width: int = 64):
+    """Compile the scan+output kernel (no GPU needed). ``target`` is a JSON target string; ``aqk_width`` the row
+    length of ``aqk`` (128 when the prepare stage also stored L for the backward, Aqk in the first 64 columns)."""
     import json
 
     G = HV // H
@@ -63,7 +64,7 @@ def build_chunk_scan(*, H: int, HV: int, K: int, V: int, in_dtype: str, normaliz
         k: T.Tensor([1, TT, H, K], in_dtype),
         w: T.Tensor([1, TT, HV, K], st),
         u: T.Tensor([1, TT, HV, V], st),
-        aqk: T.Tensor([1, TT, HV, C], st),
+        aqk: T.Tensor([1, TT, HV, aqk_width], st),
         gcum: T.Tensor([1, TT, HV], "float32"),
         rq: T.Tensor([1, TT, H], "float32"),
         rk: T.Tensor([1, TT, H], "float32"),
@@ -110,7 +111,7 @@ def build_chunk_scan(*, H: int, HV: int, K: int, V: int, in_dtype: str, normaliz
                     load(k, t0, hk, k_s)
                     load(w, t0, hv, w_s)
                 T.copy(u[0, t0:t0 + C, hv, v0:v0 + block_v], u_s)
-                T.copy(aqk[0, t0:t0 + C, hv, :], a_s)
+                T.copy(aqk[0, t0:t0 + C, hv, 0:C], a_s)
                 # strides of H*4 / HV*4 bytes are not TMA-aligned: plain (cp.async) copies
                 T.copy(gcum[0, t0:t0 + C, hv], gam_s, disable_tma=True)
                 T.copy(rk[0, t0:t0 + C, hk], rk_s, disable_tma=True)
