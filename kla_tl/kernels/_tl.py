@@ -62,6 +62,16 @@ def gemm_for(in_dtype: str):
     return gemm
 
 
+#: 32-bit registers per SM on sm_80 and sm_90 (the occupancy arithmetic of ``max_regs`` knobs).
+SM_REGISTERS = 65536
+
+
+def min_blocks(threads: int, max_regs: int) -> int:
+    """CTAs per SM that ``__launch_bounds__`` asks for, so that ptxas caps registers near ``max_regs`` (1 for 255:
+    no cap beyond the architectural one)."""
+    return 1 if max_regs >= 255 else max(1, SM_REGISTERS // (threads * max_regs))
+
+
 #: Rows of a chunk tile (the chunk size).
 C_ROWS = 64
 

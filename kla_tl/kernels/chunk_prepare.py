@@ -34,7 +34,7 @@ import functools
 import tilelang
 import tilelang.language as T
 
-from ._tl import G_FLOOR, LOG2E, gemm_for, k_tile, lean_prepare, unit_lower_inverse
+from ._tl import G_FLOOR, LOG2E, gemm_for, k_tile, lean_prepare, min_blocks, unit_lower_inverse
 
 #: Chunk length (fixed: the solve and the tiles are built for 64 rows).
 C = 64
@@ -43,12 +43,13 @@ C = 64
 @functools.lru_cache(maxsize=None)
 def build_chunk_prepare(*, H: int, HV: int, K: int, V: int, in_dtype: str, normalize_q: bool, scale: float,
                         eps: float, threads: int, target: str, pass_configs: tuple = (), u_dtype: str = None,
-                        store_l: bool = False, given_l: bool = False):
+                        store_l: bool = False, given_l: bool = False, max_regs: int = 255):
     """Compile the chunk-preparation kernel (no GPU needed). ``target`` is a JSON target string; ``u_dtype`` the dtype
     of u (default: the input dtype); ``store_l``: aqk is ``[1, TT, HV, 2C]`` and holds L (as the GEMMs use it, in the
     input dtype) in its second half, for the backward. ``given_l`` (implies ``store_l``): the backward's
     recomputation from a forward that stored L: aqk, gcum, rk and rq are inputs (never written), L is read from
-    aqk, and only w and u are computed (no Gram matrix, no solve, no Aqk; q is not read)."""
+    aqk, and only w and u are computed (no Gram matrix, no solve, no Aqk; q is not read). ``max_regs``: register cap
+    per thread (``__launch_bounds__`` asks for :func:`kla_tl.kernels._tl.min_blocks` CTAs per SM); 255 = none."""
     import json
 
     G = HV // H
@@ -64,6 +65,7 @@ def build_chunk_prepare(*, H: int, HV: int, K: int, V: int, in_dtype: str, norma
     exact_u = ud != st and not lean          # U = (L diag(eta / r)) V from the exact V, staged in fp32
     store_l = store_l or given_l
     AW = 2 * C if store_l else C             # aqk row: Aqk, then L (store_l)
+    blocks_per_sm = min_blocks(threads, max_regs)
     TT = T.dynamic("TT")
     NC = T.dynamic("NC")
 
@@ -83,6 +85,8 @@ def build_chunk_prepare(*, H: int, HV: int, K: int, V: int, in_dtype: str, norma
         rk: T.Tensor([1, TT, H], "float32"),
     ):
         with T.Kernel(NC, HV, threads=threads) as (ic, hv):
+            if blocks_per_sm > 1:
+                T.annotate_min_blocks_per_sm(blocks_per_sm)
             hk = hv // G
             t0 = chunks[ic, 0]
             eos = chunks[ic, 1]

@@ -53,14 +53,13 @@ from typing import Optional
 import tilelang
 import tilelang.language as T
 
+from ._tl import min_blocks
 from .registry import ARCHS, KernelSpec, register, target_for
 
 #: Threads per warp (CUDA).
 WARP = 32
 #: Bytes per lane per state row: one 128-bit load/store (LDG.128 / STG.128).
 VEC_BYTES = 16
-#: 32-bit registers per SM on sm_80 and sm_90 (the occupancy arithmetic of ``max_regs``).
-SM_REGISTERS = 65536
 #: Upper bound on state registers per thread (fp32 values, or bf16 pairs): the tile plus 50-100 working registers (k
 #: and q rows, v, accumulators, shuffle and shared-memory operands, addresses) must stay under the 255-register limit.
 MAX_STATE_REGS = 96
@@ -155,12 +154,6 @@ def lane_layout(K: int, block_v: int, threads: int, state_bytes: int, warps_k: i
 def _layout_ok(K: int, V: int, block_v: int, threads: int, state_bytes: int, warps_k: int = 1) -> bool:
     lay = lane_layout(K, block_v, threads, state_bytes, warps_k)
     return lay is not None and V % block_v == 0 and lay.state_regs <= MAX_STATE_REGS
-
-
-def min_blocks(threads: int, max_regs: int) -> int:
-    """CTAs per SM that ``__launch_bounds__`` asks for, so that ptxas caps registers near ``max_regs`` (1 for 255:
-    no cap beyond the architectural one)."""
-    return 1 if max_regs >= 255 else max(1, SM_REGISTERS // (threads * max_regs))
 
 
 def _make_step(lay: Layout, block_v: int, normalize_q: bool):
