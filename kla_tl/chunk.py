@@ -327,7 +327,7 @@ def build_bwd_grads_kernel(prob: Problem, arch: str, on_hopper: bool, *, scale: 
                                  block_v=32 if dtype == "float32" else 64, threads=threads,
                                  target=json.dumps(target, sort_keys=True), pass_configs=tuple(sorted(pcs.items())),
                                  n_dtype=n_dtype_name(prob), zparts=zparts(prob, arch),
-                                 fuse_group=fuse_group(prob, arch))
+                                 fuse_group=fuse_group(prob, arch), bulk=arch == "sm_90a")
 
 
 def chunk_fwd(q, k, v, g, eta, *, prob: Problem, cu, scale, eps, normalize_q, initial_state, output_final_state,
