@@ -12,12 +12,8 @@ import torch
 
 from . import dispatch
 from .conventions import DEFAULT_EPS, check_decode_inputs, check_recurrent_inputs
-from .ops import check_chunk_inputs, chunk_kla_op
+from .ops import check_chunk_inputs, chunk_kla_op, needs_grad
 from .reference import fused_recurrent_kla_reference, kla_decode_reference
-
-
-def _needs_grad(*xs) -> bool:
-    return torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in xs)
 
 
 def chunk_kla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, eta: torch.Tensor, *,
@@ -132,7 +128,7 @@ def fused_recurrent_kla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: to
     from .recurrent import recurrent_refusal, fused_recurrent_kla_kernel
     serving = dict(state_indices=state_indices, inplace_final_state=inplace_final_state,
                    intermediate_states=intermediate_states)
-    reason = recurrent_refusal(prob, q.device, needs_grad=_needs_grad(q, k, v, g, eta, initial_state),
+    reason = recurrent_refusal(prob, q.device, needs_grad=needs_grad(q, k, v, g, eta, initial_state),
                                pool_dtype=initial_state.dtype if state_indices is not None else None,
                                inter_dtype=None if intermediate_states is None else intermediate_states.dtype)
     if reason is None:

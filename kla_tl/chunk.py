@@ -135,6 +135,13 @@ class Saved(NamedTuple):
     rq: torch.Tensor
 
 
+def saved_shapes(TT: int, H: int, HV: int, dtype: torch.dtype, aqk_width: int = 2 * CHUNK) -> tuple:
+    """((shape, dtype) of each :class:`Saved` field, in field order) for TT packed tokens; ``aqk_width`` is CHUNK
+    for a forward that keeps nothing (Aqk alone)."""
+    f32 = torch.float32
+    return (((1, TT, HV, aqk_width), dtype), ((1, TT, HV), f32), ((1, TT, H), f32), ((1, TT, H), f32))
+
+
 class _Launch:
     """Packed inputs, intermediates and outputs of one forward call: the argument lists of the two kernels."""
 
@@ -157,10 +164,8 @@ class _Launch:
             self.aqk, self.gcum, self.rk, self.rq = saved.aqk, saved.gcum, saved.rk, saved.rq
         else:
             aw = 2 * CHUNK if backward or store_l else CHUNK
-            self.aqk = torch.empty(1, TT, HV, aw, dtype=st, device=device)
-            self.gcum = torch.empty(1, TT, HV, dtype=torch.float32, device=device)
-            self.rq = torch.empty(1, TT, H, dtype=torch.float32, device=device)
-            self.rk = torch.empty(1, TT, H, dtype=torch.float32, device=device)
+            self.aqk, self.gcum, self.rk, self.rq = (torch.empty(shape, dtype=dt, device=device)
+                                                     for shape, dt in saved_shapes(TT, H, HV, st, aw))
         self.o = torch.empty(1, TT, HV, V, dtype=q.dtype, device=device)
         self.ht = torch.empty(N, HV, K, V, dtype=torch.float32, device=device)
         self.h0 = initial_state.to(torch.float32).contiguous() if initial_state is not None else self.ht

@@ -82,12 +82,15 @@ def saves_for_backward(q: torch.Tensor, v: torch.Tensor, initial_state: Optional
 
 def _saved_shapes(q: torch.Tensor, v: torch.Tensor) -> tuple:
     """((shape, dtype) of aqk, gcum, rk, rq) of :class:`kla_tl.chunk.Saved` for these inputs (packed layout)."""
-    from .conventions import CHUNK
+    from .chunk import saved_shapes
 
     B, T, H, _ = q.shape
-    TT, HV = B * T, v.shape[2]
-    f32 = torch.float32
-    return (((1, TT, HV, 2 * CHUNK), q.dtype), ((1, TT, HV), f32), ((1, TT, H), f32), ((1, TT, H), f32))
+    return saved_shapes(B * T, H, v.shape[2], q.dtype)
+
+
+def needs_grad(*xs) -> bool:
+    """Whether autograd will differentiate a call on these arguments (grad mode on, a tensor requiring grad)."""
+    return torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in xs)
 
 
 def _no_saved(q: torch.Tensor) -> tuple:
@@ -295,8 +298,7 @@ def chunk_kla_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Ten
     """
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     # a forward that will be differentiated keeps the kernels' L, Aqk, gates and norms for the backward
-    save = torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad
-                                           for x in (q, k, v, g, eta, initial_state))
+    save = needs_grad(q, k, v, g, eta, initial_state)
     o, ht, *_ = torch.ops.kla_tl.chunk_fwd(q, k, v, g, eta, initial_state, cu_seqlens, scale=scale, eps=float(eps),
                                            normalize_q=normalize_q, output_final_state=output_final_state,
                                            save_for_backward=save)

@@ -127,3 +127,19 @@ def test_dstates_recurrence_is_the_reference_backwards_initial_state_gradient():
     want = chunk_kla_reference_bwd(q, k, v, g, eta, do, dht=dht, normalize_q=True, initial_state=h0)["dh0"]
     got = _dstates_emulated(q, k, g, eta, do, dht, scale=K ** -0.5)
     assert ((got - want).norm() / want.norm()).item() < 1e-10
+
+
+@pytest.mark.parametrize("store_l", [False, True])
+def test_launch_allocates_what_a_forward_keeps_in_the_saved_layout(store_l):
+    """The forward's aqk, gcum, rk, rq have the shapes and dtypes of ``saved_shapes`` (aqk 128 wide when L is
+    stored for the backward, 64 otherwise), which the operator's fake implementation also promises."""
+    B, T, H, HV, K, V = 2, 70, 2, 4, 64, 32
+    prob = Problem(B=B, T=T, H=H, HV=HV, K=K, V=V, N=B, dtype=torch.bfloat16, is_varlen=False, use_h0=False,
+                   normalize_q=True)
+    x = [torch.randn(B, T, H, K).bfloat16(), torch.randn(B, T, H, K).bfloat16(), torch.randn(B, T, HV, V).bfloat16(),
+         -torch.rand(B, T, HV), torch.rand(B, T, HV)]
+    run = CH._Launch(*x, prob=prob, cu=None, initial_state=None, store_l=store_l)
+    want = CH.saved_shapes(B * T, H, HV, torch.bfloat16, 2 * CH.CHUNK if store_l else CH.CHUNK)
+    got = tuple((tuple(t.shape), t.dtype) for t in (run.aqk, run.gcum, run.rk, run.rq))
+    assert got == want
+    assert want[0][0][-1] == (128 if store_l else 64)

@@ -61,6 +61,7 @@ def prepare_default(arch: str, key: dict) -> dict:
 
 
 def prepare_valid(arch: str, key: dict, sch: dict) -> bool:
+    """A register cap only with 256 threads (128 threads capped at 128 registers spill)."""
     return sch["max_regs"] == 255 or sch["threads"] == 256
 
 
