@@ -166,7 +166,8 @@ class _Launch:
             aw = 2 * CHUNK if backward or store_l else CHUNK
             self.aqk, self.gcum, self.rk, self.rq = (torch.empty(shape, dtype=dt, device=device)
                                                      for shape, dt in saved_shapes(TT, H, HV, st, aw))
-        self.o = torch.empty(1, TT, HV, V, dtype=q.dtype, device=device)
+        # the output only for the forward (the backward's stages never write one)
+        self.o = None if backward else torch.empty(1, TT, HV, V, dtype=q.dtype, device=device)
         self.ht = torch.empty(N, HV, K, V, dtype=torch.float32, device=device)
         self.h0 = initial_state.to(torch.float32).contiguous() if initial_state is not None else self.ht
 

@@ -8,7 +8,7 @@ K=V=128, bf16, initial state, final-state gradient). The same sweep (run as a on
 on an H100 at 71cab38, 300 draws each: dg at zero gates median 3.7e-3, max 1.1e-2, 2 (Hopper path) and 1 (Ampere
 path) draws above 1e-2; random gates none (dg max 6.9e-3); every other gradient at most 4.5e-3.
 
-    python tools/grad_error_sweep.py [--draws 300] [--paths sm_90a sm_80]
+    python tools/grad_error_sweep.py [--draws 300] [--paths sm_90a sm_80] [--cases zero random]
 """
 
 import argparse
@@ -50,6 +50,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--draws", type=int, default=300)
     ap.add_argument("--paths", nargs="+", default=["sm_90a", "sm_80"], choices=["sm_90a", "sm_80"])
+    ap.add_argument("--cases", nargs="+", default=["zero", "random"], choices=["zero", "random"],
+                    help="gate cases: all gates zero, random gates")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("grad_error_sweep: needs a CUDA GPU")
@@ -58,6 +60,8 @@ def main() -> None:
     for path in args.paths:
         os.environ["KLA_TL_ARCH"] = path               # read per call (kla_tl.chunk.select_arch)
         for case, zero in (("zero gates", True), ("random gates", False)):
+            if case.split()[0] not in args.cases:
+                continue
             errs = sweep(args.draws, zero)
             cols = []
             for n, v in errs.items():
