@@ -60,6 +60,8 @@ GRAD_NAMES = INPUT_NAMES[:6]
 #: What the forward may keep for the backward (outputs 2.. of ``kla_tl::chunk_fwd``, optional inputs of
 #: ``kla_tl::chunk_bwd`` after dht): the fields of :class:`kla_tl.chunk.Saved`.
 SAVED_NAMES = ("aqk", "gcum", "rk", "rq")
+
+
 def _absent_state(q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """The empty ``[0, HV, K, V]`` stand-in for a state (or state gradient) that is not there."""
     return q.new_empty(0, v.shape[2], q.shape[3], v.shape[3], dtype=state_dtype_for(q.dtype))
