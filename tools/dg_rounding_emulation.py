@@ -97,8 +97,8 @@ def emulated_dg(q, k, v, g, eta, do, dht, h0, *, rounded: frozenset, scale: floa
             dS32[c] = dS
             dN = ch.Aqk.mT @ dOs[c] + ch.egn[..., None] * (ch.kh @ dS)
             dNs[c] = bf(dN, "dN")
-            dS = (ch.eg[..., -1, None, None] * dS + ch.q_raw.mT @ bf((ch.scale * ch.rq * ch.eg)[..., None] * dOs[c], "dOb")
-                  - ch.W.mT @ bf(dN, "dN"))
+            dOb = bf((ch.scale * ch.rq * ch.eg)[..., None] * dOs[c], "dOb")
+            dS = ch.eg[..., -1, None, None] * dS + ch.q_raw.mT @ dOb - ch.W.mT @ bf(dN, "dN")
         for (c0, c1), ch, S_in, N, dS_out, dN, dO in zip(bounds, chs, S32, Ns, dS32, dNs, dOs):
             n = ch.kh.shape[-2]
             lower, strict = BN._masks(n, "cpu")
