@@ -46,7 +46,8 @@ from helpers import make_inputs, rel_error  # noqa: E402
 from kla_tl import bwd_normalized as BN  # noqa: E402
 from kla_tl.reference_bwd import chunk_kla_reference_bwd  # noqa: E402
 
-SITES = ("gram", "L", "kW", "W", "U", "Aqk", "Gkk", "qkg", "Sfwd", "Nfwd", "dN", "dOb", "Si", "Nb", "dW", "dX", "tail")
+SITES = ("gram", "L", "kW", "W", "U", "Aqk", "Gkk", "qkg", "Sfwd", "Nfwd", "dN", "dOb", "Si", "Nb", "dW", "dX",
+         "tail")
 CONFIGS = {"kernels": frozenset(SITES), "fp32 tail": frozenset(SITES) - {"tail"},
            "fp32 tail and gram": frozenset(SITES) - {"tail", "gram"}}
 
@@ -81,7 +82,8 @@ def emulated_dg(q, k, v, g, eta, do, dht, h0, *, rounded: frozenset, scale: floa
             ch.k_raw, ch.q_raw = rows(k, c0, c1), rows(q, c0, c1)
             ch.rq = torch.rsqrt((ch.q_raw * ch.q_raw).sum(-1) + 1e-6)
             ch.Aqk = bf(scale * (qg @ kg.mT) * ch.Gam, "Aqk")
-            ch.Gkk_g = bf(ch.kh, "Gkk") @ bf(ch.kh, "Gkk").mT                # the gradient kernel's k^ tiles are bf16
+            kt = bf(ch.kh, "Gkk")                                          # the gradient kernel's k^ tiles are bf16
+            ch.Gkk_g = kt @ kt.mT
             ch.qh_g, ch.kh_g = bf(ch.qh, "qkg"), bf(ch.kh, "qkg")
             chs.append(ch)
         S, S32, Ns = h0[b].float(), [], []
@@ -98,7 +100,7 @@ def emulated_dg(q, k, v, g, eta, do, dht, h0, *, rounded: frozenset, scale: floa
             dN = ch.Aqk.mT @ dOs[c] + ch.egn[..., None] * (ch.kh @ dS)
             dNs[c] = bf(dN, "dN")
             dOb = bf((ch.scale * ch.rq * ch.eg)[..., None] * dOs[c], "dOb")
-            dS = ch.eg[..., -1, None, None] * dS + ch.q_raw.mT @ dOb - ch.W.mT @ bf(dN, "dN")
+            dS = ch.eg[..., -1, None, None] * dS + ch.q_raw.mT @ dOb - ch.W.mT @ dNs[c]
         for (c0, c1), ch, S_in, N, dS_out, dN, dO in zip(bounds, chs, S32, Ns, dS32, dNs, dOs):
             n = ch.kh.shape[-2]
             lower, strict = BN._masks(n, "cpu")
