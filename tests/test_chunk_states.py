@@ -38,16 +38,22 @@ def test_state_schedule_defaults():
                                                                                          "threads": 256}
 
 
+#: (path, K, V, dtype): every path and head dim in bfloat16; float32 (exact FMA products, one-element residuals) once
+_STATE_BUILDS = ([(p, K, V, torch.bfloat16) for p in ("sm_90a", "sm_80", "sm_80_on_hopper")
+                  for K, V in ((128, 128), (96, 192), (64, 64), (256, 256))]
+                 + [("sm_90a", 64, 64, torch.float32)])
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("path", ["sm_90a", "sm_80", "sm_80_on_hopper"])
-@pytest.mark.parametrize("K,V", [(128, 128), (96, 192), (64, 64), (256, 256)])
-def test_state_kernels_build_without_spills_and_match_the_launcher(path, K, V, monkeypatch):
+@pytest.mark.parametrize("path,K,V,dtype", _STATE_BUILDS,
+                         ids=lambda x: str(x).removeprefix("torch.") if isinstance(x, torch.dtype) else None)
+def test_state_kernels_build_without_spills_and_match_the_launcher(path, K, V, dtype, monkeypatch):
     pytest.importorskip("tilelang")
     from kla_tl.kernels.resources import resource_report
 
     arch = "sm_80" if path.startswith("sm_80") else "sm_90a"
     H, HV, B, T = 2, 4, 2, 100
-    prob = Problem(B=B, T=T, H=H, HV=HV, K=K, V=V, N=B, dtype=torch.bfloat16, is_varlen=False, use_h0=True,
+    prob = Problem(B=B, T=T, H=H, HV=HV, K=K, V=V, N=B, dtype=dtype, is_varlen=False, use_h0=True,
                    normalize_q=True)
     states = CH.build_states_kernel(prob, arch, path == "sm_80_on_hopper", use_h0=True)
     dstates = CH.build_dstates_kernel(prob, arch, path == "sm_80_on_hopper", scale=K ** -0.5, use_dht=True)
@@ -64,8 +70,8 @@ def test_state_kernels_build_without_spills_and_match_the_launcher(path, K, V, m
             assert r["spill_stores"] <= spill and r["spill_loads"] <= spill, (name, r)
             assert r["dyn_smem"] <= smem, (name, r)
     monkeypatch.setattr(CH, "_TABLES", {})
-    x = [torch.randn(B, T, H, K).bfloat16(), torch.randn(B, T, H, K).bfloat16(), torch.randn(B, T, HV, V).bfloat16(),
-         -torch.rand(B, T, HV), torch.rand(B, T, HV)]
+    x = [torch.randn(B, T, H, K, dtype=dtype), torch.randn(B, T, H, K, dtype=dtype),
+         torch.randn(B, T, HV, V, dtype=dtype), -torch.rand(B, T, HV), torch.rand(B, T, HV)]
     run = CH._Launch(*x, prob=prob, cu=None, initial_state=torch.zeros(B, HV, K, V), backward=True)
     calls = []
 
@@ -73,7 +79,7 @@ def test_state_kernels_build_without_spills_and_match_the_launcher(path, K, V, m
         calls.append((a, {id(t): n for n, t in vars(run).items() if isinstance(t, torch.Tensor)}))
 
     run.states(record)
-    run.dstates(record, torch.randn(B, T, HV, V).bfloat16(), torch.randn(B, HV, K, V), CH.zparts(prob, arch))
+    run.dstates(record, torch.randn(B, T, HV, V, dtype=dtype), torch.randn(B, HV, K, V), CH.zparts(prob, arch))
     run.grads(record, CH.fuse_group(prob, arch))
     dims = {"TT": B * T, "N": B, "NCT": run.chunks.shape[0], "NC": run.chunks.shape[0]}
     for kern, (args, attr) in zip(kernels, calls):
