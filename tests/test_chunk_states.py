@@ -38,7 +38,7 @@ def test_state_schedule_defaults():
                                                                                          "threads": 256}
 
 
-#: (path, K, V, dtype): every path and head dim in bfloat16; float32 (exact FMA products, one-element residuals) once
+#: (path, K, V, dtype): every path and head dim in bfloat16; float32 (the exact-FMA builds) once
 _STATE_BUILDS = ([(p, K, V, torch.bfloat16) for p in ("sm_90a", "sm_80", "sm_80_on_hopper")
                   for K, V in ((128, 128), (96, 192), (64, 64), (256, 256))]
                  + [("sm_90a", 64, 64, torch.float32)])
