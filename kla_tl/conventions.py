@@ -27,6 +27,7 @@ the launch) and never modifies a caller's tensor.
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 from typing import Optional
 
@@ -97,8 +98,39 @@ def _check_float(fn: str, name: str, x: torch.Tensor):
         _fail(fn, f"{name} must be a floating tensor, got dtype {_dt(x.dtype)}", TypeError)
 
 
+#: Host values of the last cu_seqlens tensors read: (weak reference, version counter, values). chunk_kla reads
+#: cu_seqlens three times per forward + backward (its own check, the forward operator, the backward operator), and
+#: a read of a CUDA tensor waits for all queued GPU work: without this, the backward's read waits for the forward's
+#: kernels and the GPU idles while the host prepares the backward. A hit needs the same tensor object at the same
+#: version (every in-place write through the tensor bumps it; autograd makes the same check of the saved
+#: cu_seqlens). Tensor subclasses (torch.compile's fake tensors) and inference tensors (no version counter) are
+#: always read.
+_CU_HOST: list = []
+_CU_HOST_SIZE = 8
+
+
+def _read_host(t: torch.Tensor) -> tuple:
+    """``t``'s values on the host (a device-to-host copy for a CUDA tensor)."""
+    return tuple(int(x) for x in t.tolist())
+
+
+def cu_seqlens_values(cu_seqlens: torch.Tensor) -> list[int]:
+    """``cu_seqlens`` as a host list, read once per tensor and version (see :data:`_CU_HOST`)."""
+    if type(cu_seqlens) is not torch.Tensor or cu_seqlens.is_inference():
+        return list(_read_host(cu_seqlens))
+    version = cu_seqlens._version
+    for ref, ver, values in _CU_HOST:
+        if ref() is cu_seqlens and ver == version:
+            return list(values)
+    values = _read_host(cu_seqlens)
+    _CU_HOST[:] = [e for e in _CU_HOST if e[0]() is not None and e[0]() is not cu_seqlens][-(_CU_HOST_SIZE - 1):]
+    _CU_HOST.append((weakref.ref(cu_seqlens), version, values))
+    return list(values)
+
+
 def check_cu_seqlens(fn: str, cu_seqlens, T: int, B: int) -> list[int]:
-    """Validate ``cu_seqlens`` and return it as a host list (one device-to-host copy)."""
+    """Validate ``cu_seqlens`` and return it as a host list (a device-to-host copy the first time a tensor is read,
+    :func:`cu_seqlens_values`)."""
     if not isinstance(cu_seqlens, torch.Tensor):
         _fail(fn, f"cu_seqlens must be a 1-D integer torch.Tensor [N+1], got {type(cu_seqlens).__name__}", TypeError)
     if cu_seqlens.dtype not in CU_SEQLENS_DTYPES:
@@ -107,7 +139,7 @@ def check_cu_seqlens(fn: str, cu_seqlens, T: int, B: int) -> list[int]:
         _fail(fn, f"cu_seqlens must be 1-D with at least 2 entries [N+1], got shape {tuple(cu_seqlens.shape)}")
     if B != 1:
         _fail(fn, f"with cu_seqlens the batch size B (q.shape[0]) must be 1, got B={B}")
-    cu = [int(x) for x in cu_seqlens.tolist()]
+    cu = cu_seqlens_values(cu_seqlens)
     if cu[0] != 0:
         _fail(fn, f"cu_seqlens must start at 0, got cu_seqlens[0]={cu[0]}")
     for i in range(1, len(cu)):

@@ -344,3 +344,67 @@ def test_serving_validation_reads_no_cuda_tensor_values():
                                       inplace_final_state=True,
                                       intermediate_states=torch.zeros(B * T, HV, K, V, device="meta"))
     assert cu is None and prob.use_h0 and (prob.N, prob.K, prob.V) == (B, K, V)
+
+
+# ---- cu_seqlens read once per tensor and version ----------------------------------------------------------------
+
+
+@pytest.fixture
+def host_reads(monkeypatch):
+    """Count the reads of cu_seqlens values to the host (each a device-to-host copy for a CUDA tensor)."""
+    from kla_tl import conventions
+
+    reads = []
+    read = conventions._read_host
+    monkeypatch.setattr(conventions, "_read_host", lambda t: reads.append(t) or read(t))
+    monkeypatch.setattr(conventions, "_CU_HOST", [])
+    return reads
+
+
+def test_cu_seqlens_is_read_once_per_tensor_and_version(host_reads):
+    """The same tensor at the same version is read once; a write through it (version bump), or another tensor with
+    the same values, is read again; the cached values are still validated against each call's T."""
+    from kla_tl.conventions import check_cu_seqlens
+
+    cu = torch.tensor([0, 3, 7], dtype=torch.int32)
+    assert check_cu_seqlens("f", cu, 7, 1) == [0, 3, 7]
+    assert check_cu_seqlens("f", cu, 7, 1) == [0, 3, 7]
+    assert len(host_reads) == 1
+    with pytest.raises(ValueError, match=r"f: cu_seqlens must end at T=8"):
+        check_cu_seqlens("f", cu, 8, 1)
+    assert len(host_reads) == 1
+    cu[1] = 5                                                   # in place: a new version, read again
+    assert check_cu_seqlens("f", cu, 7, 1) == [0, 5, 7]
+    assert len(host_reads) == 2
+    cu[1] = 9                                                   # and an invalid in-place write is caught
+    with pytest.raises(ValueError, match=r"cu_seqlens must be non-decreasing"):
+        check_cu_seqlens("f", cu, 7, 1)
+    other = torch.tensor([0, 3, 7], dtype=torch.int64)
+    assert check_cu_seqlens("f", other, 7, 1) == [0, 3, 7]
+    assert len(host_reads) == 4
+    out = check_cu_seqlens("f", other, 7, 1)
+    out.append(99)                                              # the caller's list is its own
+    assert check_cu_seqlens("f", other, 7, 1) == [0, 3, 7] and len(host_reads) == 4
+
+
+def test_inference_tensors_are_always_read(host_reads):
+    """Inference tensors have no version counter, so an in-place write could not be seen: never cached."""
+    from kla_tl.conventions import check_cu_seqlens
+
+    with torch.inference_mode():
+        cu = torch.tensor([0, 2, 4])
+    for _ in range(2):
+        assert check_cu_seqlens("f", cu, 4, 1) == [0, 2, 4]
+    assert len(host_reads) == 2
+
+
+def test_chunk_kla_reads_cu_seqlens_once_per_forward_and_backward(host_reads):
+    """chunk_kla's own check, the forward operator and the backward operator share one read of cu_seqlens (on a
+    GPU each read waits for the queued kernels, so a second read would stall the backward behind the forward)."""
+    d = _base("chunk_kla")
+    _varlen([0, 1, 4])(d)
+    x = {n: (t.clone().requires_grad_(True) if n in ("q", "k", "v", "g", "eta") else t) for n, t in d.items()}
+    o, _ = chunk_kla(**x)
+    o.sum().backward()
+    assert all(x[n].grad is not None for n in ("q", "k", "v", "g", "eta"))
+    assert len(host_reads) == 1, [t.tolist() for t in host_reads]
