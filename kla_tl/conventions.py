@@ -103,8 +103,10 @@ def _check_float(fn: str, name: str, x: torch.Tensor):
 #: a read of a CUDA tensor waits for all queued GPU work: without this, the backward's read waits for the forward's
 #: kernels and the GPU idles while the host prepares the backward. A hit needs the same tensor object at the same
 #: version (every in-place write through the tensor bumps it; autograd makes the same check of the saved
-#: cu_seqlens). Tensor subclasses (torch.compile's fake tensors) and inference tensors (no version counter) are
-#: always read.
+#: cu_seqlens). Tensor subclasses (torch.compile's fake tensors), inference tensors (no version counter) and reads
+#: while a CUDA graph is being captured are never served from here: a captured graph would keep host tables built
+#: from values that the caller may overwrite before a replay, so such a capture must fail as it does without a
+#: cache (a device-to-host copy is not allowed while capturing).
 _CU_HOST: list = []
 _CU_HOST_SIZE = 8
 
@@ -114,9 +116,14 @@ def _read_host(t: torch.Tensor) -> tuple:
     return tuple(int(x) for x in t.tolist())
 
 
+def _capturing(t: torch.Tensor) -> bool:
+    """Whether a CUDA graph capture is under way on the current stream of ``t``'s device (CUDA tensors only)."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def cu_seqlens_values(cu_seqlens: torch.Tensor) -> list[int]:
     """``cu_seqlens`` as a host list, read once per tensor and version (see :data:`_CU_HOST`)."""
-    if type(cu_seqlens) is not torch.Tensor or cu_seqlens.is_inference():
+    if type(cu_seqlens) is not torch.Tensor or cu_seqlens.is_inference() or _capturing(cu_seqlens):
         return list(_read_host(cu_seqlens))
     version = cu_seqlens._version
     for ref, ver, values in _CU_HOST:

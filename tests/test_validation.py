@@ -398,6 +398,18 @@ def test_inference_tensors_are_always_read(host_reads):
     assert len(host_reads) == 2
 
 
+def test_no_cached_values_while_a_cuda_graph_is_captured(host_reads, monkeypatch):
+    """During a CUDA graph capture every call reads cu_seqlens (and so fails as before, since a device-to-host copy
+    is not allowed while capturing): a graph must not keep host tables of values the caller may overwrite."""
+    from kla_tl import conventions
+
+    cu = torch.tensor([0, 2, 4])
+    assert conventions.check_cu_seqlens("f", cu, 4, 1) == [0, 2, 4]
+    monkeypatch.setattr(conventions, "_capturing", lambda t: True)
+    assert conventions.check_cu_seqlens("f", cu, 4, 1) == [0, 2, 4]
+    assert len(host_reads) == 2
+
+
 def test_chunk_kla_reads_cu_seqlens_once_per_forward_and_backward(host_reads):
     """chunk_kla's own check, the forward operator and the backward operator share one read of cu_seqlens (on a
     GPU each read waits for the queued kernels, so a second read would stall the backward behind the forward)."""
