@@ -36,7 +36,9 @@ def chunk_kla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
         normalize_q: L2-normalize q in the kernel (``q / sqrt(||q||^2 + 1e-6)``), as the published model does.
         initial_state: ``[N, HV, K, V]`` float32 (K-major), N = B or ``len(cu_seqlens) - 1``.
         output_final_state: also return the final state ``[N, HV, K, V]`` float32.
-        cu_seqlens: ``[N + 1]`` int32/int64 packed-sequence offsets (B must be 1; empty sequences allowed).
+        cu_seqlens: ``[N + 1]`` int32/int64 packed-sequence offsets (B must be 1; empty sequences allowed). Its values
+            are copied to the host once per tensor and version: forward and backward share one copy (write new
+            offsets in place or pass a new tensor; both are seen).
 
     Returns:
         ``(o, final_state)``: o ``[B, T, HV, V]`` in q's dtype; final_state float32 (float64 for float64 inputs)

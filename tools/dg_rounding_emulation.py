@@ -28,13 +28,14 @@ the error with one more site switched off.
 Measured at two seeds, 2000 draws each (seeds 2 and 3; 1e-2 is the tolerance): the kernels median 3.6e-3 and 3.7e-3,
 19 and 20 of 2000 draws over (an H100 sweep of the kernels: 3 of 600; an H200 sweep 5 of 600, where fla's own dg had
 none, median 3.1e-3 - 3.4e-3: perf/experiments/h200-dg-zero-gates.json); the tail from the fp32 dS median 3.0e-3 and
-3.1e-3, 5 and 3 of 2000 over, max 1.1e-2. Earlier, seed 0: 19 of 2000, the fp32 tail 2 of 2000, with the fp32 Gram
-as well 3 of 2000. ``--budget`` (400 draws): the tail's two bf16 copies alone 2.8e-3 (its state rounding alone, the
-tail from the fp32 dS: 1.9e-3), then W, kW, Nfwd, U, dN, Sfwd 0.9e-3 - 1.1e-3 each, gram, Si, qkg, dW ~5.5e-4; they
-add up like independent errors (root of the sum of squares 3.9e-3 against 3.7e-3 with every site). The error is
-about constant in absolute terms (||dg - dg_ref|| median 0.82; 0.68 with the tail from the fp32 dS) and the relative
-error goes with 1 / ||dg_ref|| (correlation of the logs -0.84): the draws over the tolerance are those whose dg is
-small, not those where the kernels err more.
+3.1e-3, 5 and 3 of 2000 over, max 1.1e-2 (on an H100: median 3.1e-3, 8 of 2500 over, max 1.5e-2, and fwd+bwd 4-11%
+slower, so not on main: perf/experiments/h100-chunk-tail-ds.json). Earlier, seed 0: 19 of 2000, the fp32 tail 2 of
+2000, with the fp32 Gram as well 3 of 2000. ``--budget`` (400 draws): the tail's two bf16 copies alone 2.8e-3 (its
+state rounding alone, the tail from the fp32 dS: 1.9e-3), then W, kW, Nfwd, U, dN, Sfwd 0.9e-3 - 1.1e-3 each, gram,
+Si, qkg, dW ~5.5e-4; they add up like independent errors (root of the sum of squares 3.9e-3 against 3.7e-3 with
+every site). The error is about constant in absolute terms (||dg - dg_ref|| median 0.82; 0.68 with the tail from the
+fp32 dS) and the relative error goes with 1 / ||dg_ref|| (correlation of the logs -0.84): the draws over the
+tolerance are those whose dg is small, not those where the kernels err more.
 
 ``--budget``: the error with each site alone (the error budget) and how the whole error goes with ||dg_ref||.
 
