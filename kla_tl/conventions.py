@@ -118,7 +118,10 @@ def _read_host(t: torch.Tensor) -> tuple:
 
 def _capturing(t: torch.Tensor) -> bool:
     """Whether a CUDA graph capture is under way on the current stream of ``t``'s device (CUDA tensors only)."""
-    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+    if not t.is_cuda:
+        return False
+    with torch.cuda.device(t.device):
+        return torch.cuda.is_current_stream_capturing()
 
 
 def cu_seqlens_values(cu_seqlens: torch.Tensor) -> list[int]:
