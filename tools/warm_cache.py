@@ -79,21 +79,31 @@ CASES = [
 ]
 
 
-def suite_cases(suite: str) -> list:
-    """CASES-style tuples for the chunk ops of a bench suite: the timed shapes and their check shapes."""
+def suite_runs(suite: str, ops: tuple):
+    """(case, dtype, B, T, cu_seqlens tuple or None) of each shape of ``ops`` in a bench suite, timed and as its
+    correctness check runs it (the kernels' untuned scan schedule depends on the number of sequences)."""
     from kla_tl.bench import harness, suites
 
-    out = []
     for c in suites.expand(suites.load(), suite):
-        if c.op not in ("chunk_fwd", "chunk_fwdbwd"):
+        if c.op not in ops:
             continue
         dt = harness.torch_dtype(c.dtype)
-        n_timed = len(c.varlen) if c.varlen else c.B
-        n_check = len(harness.CHECK_VARLEN) if c.varlen else min(c.B, harness.CHECK_B)
-        for n in (n_timed, n_check):
-            case = (c.B, c.T, c.H, c.HV, c.K, c.V, dt, c.normalize_q, False, n)
-            if case not in out:
-                out.append(case)
+        if c.varlen:
+            for lens in (c.varlen, harness.CHECK_VARLEN):
+                cu = (0, *itertools.accumulate(lens))
+                yield c, dt, 1, cu[-1], cu
+        else:
+            yield c, dt, c.B, c.T, None
+            yield c, dt, min(c.B, harness.CHECK_B), min(c.T, harness.CHECK_T), None
+
+
+def suite_cases(suite: str) -> list:
+    """CASES-style tuples for the chunk ops of a bench suite: the timed shapes and their check shapes."""
+    out = []
+    for c, dt, B, _, cu in suite_runs(suite, ("chunk_fwd", "chunk_fwdbwd")):
+        case = (c.B, c.T, c.H, c.HV, c.K, c.V, dt, c.normalize_q, False, B if cu is None else len(cu) - 1)
+        if case not in out:
+            out.append(case)
     return out
 
 
@@ -115,20 +125,8 @@ GRAD_CASES = [
 
 def bench_fwdbwd_cases() -> list:
     """GRAD_CASES-style tuples of the full suite's chunk_fwdbwd shapes: each timed shape and its check shape."""
-    from kla_tl.bench import harness, suites
-
-    out = []
-    for c in suites.expand(suites.load(), "full"):
-        if c.op != "chunk_fwdbwd":
-            continue
-        if c.varlen:
-            for lens in (c.varlen, harness.CHECK_VARLEN):
-                cu = (0, *itertools.accumulate(lens))
-                out.append((1, cu[-1], c.H, c.HV, c.K, c.V, torch.bfloat16, cu, c.normalize_q, False, False))
-        else:
-            for B, T in ((c.B, c.T), (min(c.B, harness.CHECK_B), min(c.T, harness.CHECK_T))):
-                out.append((B, T, c.H, c.HV, c.K, c.V, torch.bfloat16, None, c.normalize_q, False, False))
-    return out
+    return [(B, T, c.H, c.HV, c.K, c.V, dt, cu, c.normalize_q, False, False)
+            for c, dt, B, T, cu in suite_runs("full", ("chunk_fwdbwd",))]
 
 
 def replay(cases: list, paths: list, gpu: str) -> None:
