@@ -35,7 +35,14 @@ state rounding alone, the tail from the fp32 dS: 1.9e-3), then W, kW, Nfwd, U, d
 Si, qkg, dW ~5.5e-4; they add up like independent errors (root of the sum of squares 3.9e-3 against 3.7e-3 with
 every site). The error is about constant in absolute terms (||dg - dg_ref|| median 0.82; 0.68 with the tail from the
 fp32 dS) and the relative error goes with 1 / ||dg_ref|| (correlation of the logs -0.84): the draws over the
-tolerance are those whose dg is small, not those where the kernels err more.
+tolerance are those whose dg is small, not those where the kernels err more. Why ||dg_ref|| varies so much at zero
+gates (float64 reference, 40 draws): with no decay dg is 95% (median) a constant per sequence and head, the
+final-state gradient's inner product with the states (||dg_ref|| median 236 with the final-state gradient, 20
+without), so the whole of ||dg_ref|| rests on B * HV = 4 random scalars; it ranged from 103 to 502. A draw where all
+four are small gives a small ||dg_ref|| and a relative error several times the median, whatever the kernels round.
+Seed 7, 1200 draws, the tail from the fp32 dS (perf/experiments/chunk-tail-ds-v2.patch): 5 over (max 1.3e-2); with
+further sites in fp32 still 1 to 3 over: the serial kernels' Sfwd, Nfwd and dN together 2, W and kW together 1, the
+tail's state 2.
 
 ``--budget``: the error with each site alone (the error budget) and how the whole error goes with ||dg_ref||.
 
