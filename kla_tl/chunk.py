@@ -190,20 +190,22 @@ class _Launch:
         kernel(self.k, self.w, self.u, self.gcum, self.rk, self.seqs, self.coff, self.h0, self.hs, self.vn, self.ht)
         self.u = None                                  # not needed by the later stages: free it before they run
 
-    def dstates(self, kernel, do: torch.Tensor, dht: Optional[torch.Tensor], zparts: int) -> None:
+    def dstates(self, kernel, do: torch.Tensor, dht: Optional[torch.Tensor], zparts: int, tparts: int) -> None:
         """The backward's reverse state-gradient recurrence (:func:`build_dstates_kernel`) after :meth:`states`:
         keeps ``dhs`` (gradient at the state leaving every chunk), ``dvn`` (gradient of N, input dtype), ``zp``
-        ([zparts, TT, HV] fp32, dg's state-update term by column block) and ``dh0`` on the object."""
+        ([zparts, TT, HV] fp32, dg's state-update term by column block), ``tp`` ([tparts, NC, HV] fp32, dg's chunk
+        tail <dS_out, S_in> by column block and warp) and ``dh0`` on the object."""
         NC, TT = self.chunks.shape[0], self.q.shape[1]
         HV, K, V = self.w.shape[2], self.w.shape[3], self.vn.shape[3]
         self.dhs = torch.empty(NC, HV, K, V, dtype=self.w.dtype, device=self.w.device)
         self.dvn = torch.empty(self.vn.shape, dtype=self.w.dtype, device=self.w.device)
         self.zp = torch.empty(zparts, TT, HV, dtype=torch.float32, device=self.w.device)
+        self.tp = torch.empty(tparts, NC, HV, dtype=torch.float32, device=self.w.device)
         self.dh0 = torch.empty_like(self.ht)
         self.do = do.reshape(1, TT, HV, V).to(self.q.dtype).contiguous()
         self.dht = dht.to(torch.float32).contiguous() if dht is not None else self.dh0
         kernel(self.q, self.k, self.w, self.aqk, self.gcum, self.rq, self.rk, self.do, self.seqs, self.coff, self.dht,
-               self.vn, self.dhs, self.dvn, self.dh0, self.zp)
+               self.vn, self.hs, self.dhs, self.dvn, self.dh0, self.zp, self.tp)
         self.w = None
 
     def grads(self, kernel, fused: bool) -> dict:
@@ -220,7 +222,8 @@ class _Launch:
         self.dg, self.deta = (torch.empty(1, TT, HV, dtype=torch.float32, device=self.q.device) for _ in range(2))
         if self.chunks.shape[0] > 0:
             kernel(self.q, self.k, self.v, self.g, self.eta, self.vn, self.do, self.dvn, self.hs, self.dhs, self.aqk,
-                   self.gcum, self.rq, self.rk, self.zp, self.chunks, self.dq, self.dk, self.dv, self.dg, self.deta)
+                   self.gcum, self.rq, self.rk, self.zp, self.tp, self.chunks, self.dq, self.dk, self.dv, self.dg,
+                   self.deta)
         dq, dk, dv, dg, deta = self.dq, self.dk, self.dv, self.dg, self.deta
         if per_head:
             dq = dq.view(1, TT, H, HV // H, K).sum(3).to(self.q.dtype)
@@ -274,6 +277,14 @@ def zparts(prob: Problem, arch: str) -> int:
     """Column blocks of the state-gradient kernel (its dg term ``zp`` comes in that many parts)."""
     key = problem_key(prob, use_h0=False, store_ht=True)
     return -(-prob.V // dstate_schedule(arch, key)["block_v"])
+
+
+def tparts(prob: Problem, arch: str) -> int:
+    """Parts of dg's chunk tail from the state-gradient kernel (``tp``): one per column block and warp."""
+    from .kernels.chunk_states import tail_parts_per_cta
+
+    key = problem_key(prob, use_h0=False, store_ht=True)
+    return zparts(prob, arch) * tail_parts_per_cta(dstate_schedule(arch, key)["threads"])
 
 
 def build_bwd_prepare_kernel(prob: Problem, arch: str, on_hopper: bool, *, scale: float, eps: float, device=None,
@@ -332,7 +343,7 @@ def build_bwd_grads_kernel(prob: Problem, arch: str, on_hopper: bool, *, scale: 
                                  normalize_q=prob.normalize_q, scale=scale, eps=eps,
                                  block_v=32 if dtype == "float32" else 64, threads=threads,
                                  target=json.dumps(target, sort_keys=True), pass_configs=tuple(sorted(pcs.items())),
-                                 n_dtype=n_dtype_name(prob), zparts=zparts(prob, arch),
+                                 n_dtype=n_dtype_name(prob), zparts=zparts(prob, arch), tparts=tparts(prob, arch),
                                  fuse_group=fuse_group(prob, arch), bulk=arch == "sm_90a")
 
 
@@ -395,7 +406,7 @@ def chunk_bwd(q, k, v, g, eta, do, dht, *, prob: Problem, cu, scale, eps, normal
                        on_hopper=on_hopper, scale=scale, eps=eps, saved=saved)
     run.states(build_states_kernel(prob, arch, on_hopper, use_h0=initial_state is not None))
     run.dstates(build_dstates_kernel(prob, arch, on_hopper, scale=scale, use_dht=dht is not None), do, dht,
-                zparts(prob, arch))
+                zparts(prob, arch), tparts(prob, arch))
     gr = run.grads(build_bwd_grads_kernel(prob, arch, on_hopper, scale=scale, eps=eps), fuse_group(prob, arch))
     return {"dq": gr["dq"].view(B, T, H, K), "dk": gr["dk"].view(B, T, H, K), "dv": gr["dv"].view(B, T, HV, V),
             "dg": gr["dg"].view(B, T, HV).to(g.dtype), "deta": gr["deta"].view(B, T, HV).to(eta.dtype),

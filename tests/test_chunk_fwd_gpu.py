@@ -172,7 +172,8 @@ def test_dstates_kernel_matches_the_reference_backward(path, K, V):
     """The backward's reverse state-gradient kernel (kla_tl.kernels.chunk_states): dh0 equals the
     float64 reference backward's initial-state gradient, and the gradient at the state leaving chunk c of a sequence
     equals dh0 of the reference backward of the rest of that sequence started from the true state there (varlen
-    with an empty sequence, a partial last chunk, dht given)."""
+    with an empty sequence, a partial last chunk, dht given); the chunk tails it writes for dg (``tp``) equal that
+    gradient's inner product with the state the state kernel stored."""
     from kla_tl import chunk as CH
     from kla_tl.conventions import check_inputs
     from kla_tl.reference_bwd import chunk_kla_reference_bwd
@@ -188,7 +189,7 @@ def test_dstates_kernel_matches_the_reference_backward(path, K, V):
                           on_hopper=on_hopper, scale=scale, eps=1e-6)
     run.states(CH.build_states_kernel(prob, arch, on_hopper, use_h0=True))       # N, read by the dstates kernel
     run.dstates(CH.build_dstates_kernel(prob, arch, on_hopper, scale=scale, use_dht=True), do, dht,
-                CH.zparts(prob, arch))
+                CH.zparts(prob, arch), CH.tparts(prob, arch))
     torch.cuda.synchronize()
     tol = tol_for(torch.bfloat16, "grad")                   # gradients: the backward's bf16 tolerance
     ref = inp.to(torch.float64)
@@ -196,6 +197,7 @@ def test_dstates_kernel_matches_the_reference_backward(path, K, V):
     full = chunk_kla_reference_bwd(*ref.args(), do64, dht=dht64, normalize_q=True, **ref.kwargs())
     assert_rel_close("dh0", run.dh0, full["dh0"], tol)
     coff = run.coff.tolist()
+    tails = []
     for n in range(len(cu) - 1):
         s0, e0 = cu[n], cu[n + 1]
         for c in range(-(-(e0 - s0) // 64)):
@@ -214,3 +216,6 @@ def test_dstates_kernel_matches_the_reference_backward(path, K, V):
                                                ref.eta[:, rest], do64[:, rest], dht=dht64[n:n + 1],
                                                normalize_q=True, initial_state=h0)["dh0"][0]
             assert_rel_close(f"dhs seq {n} chunk {c}", run.dhs[coff[n] + c].float(), want, tol)
+            # dg's chunk tail <dS_out, S_in> per value head, from the kernel's fp32 dS and its stored state
+            tails.append((run.tp[:, coff[n] + c].sum(0).double(), (want * run.hs[coff[n] + c].double()).sum((-2, -1))))
+    assert_rel_close("chunk tails", torch.stack([t for t, _ in tails]), torch.stack([w for _, w in tails]), tol)

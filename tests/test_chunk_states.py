@@ -65,8 +65,9 @@ def test_state_kernels_build_without_spills_and_match_the_launcher(path, K, V, d
         for name, r in resource_report(kern).items():
             # the chunk-gradient kernel runs 512 threads (128 registers each: 1.8x faster than 256 threads on an
             # H100); some builds spill a few bytes (the mma build of the Ampere path holds GEMM operands in
-            # registers: 8-12 B; the fused GVA group at K = 96, V = 192 on Hopper: 4 B)
-            spill = 16 if name.startswith("chunk_bwd_grads") else 0
+            # registers: 16 B stored and 24 B loaded with GVA at K = V = 128 since dg's chunk tail moved to the
+            # state-gradient kernel, 8-12 B before; the fused GVA group at K = 96, V = 192 on Hopper: 4 B)
+            spill = 24 if name.startswith("chunk_bwd_grads") else 0
             assert r["spill_stores"] <= spill and r["spill_loads"] <= spill, (name, r)
             assert r["dyn_smem"] <= smem, (name, r)
     monkeypatch.setattr(CH, "_TABLES", {})
@@ -79,7 +80,8 @@ def test_state_kernels_build_without_spills_and_match_the_launcher(path, K, V, d
         calls.append((a, {id(t): n for n, t in vars(run).items() if isinstance(t, torch.Tensor)}))
 
     run.states(record)
-    run.dstates(record, torch.randn(B, T, HV, V, dtype=dtype), torch.randn(B, HV, K, V), CH.zparts(prob, arch))
+    run.dstates(record, torch.randn(B, T, HV, V, dtype=dtype), torch.randn(B, HV, K, V), CH.zparts(prob, arch),
+                CH.tparts(prob, arch))
     run.grads(record, CH.fuse_group(prob, arch))
     dims = {"TT": B * T, "N": B, "NCT": run.chunks.shape[0], "NC": run.chunks.shape[0]}
     for kern, (args, attr) in zip(kernels, calls):

@@ -18,7 +18,8 @@ without it, one CTA per value head writes its share in fp32). Per value head
   decay (per g_r; see bwd_normalized): with ZG = dAqk * Aqk + Me * Gkk
     dg_r = sum_{i >= r > j} ZG_ij + sum_{i >= r} (scale e_i q^_i . dOSt_i + eta_i e_i dY_i . k^_i)
            + sum_{j < r} z_j + e^{gamma_n} <dS_out, S_in>,   0 where g < G_FLOOR              -> dg
-    (z_j = en_j (K^ dS_out . N)_j from the state-gradient kernel, ``zparts`` column blocks of ``zp``)
+    (z_j = en_j (K^ dS_out . N)_j and <dS_out, S_in> from the state-gradient kernel, which forms both from its fp32
+    dS: ``zparts`` column blocks of ``zp`` and of ``tp``)
   finish, after the group:
     dq = rq (dq^ - (q^ . dq^) q^)  (normalize_q; else dq = dq^),  dk = rk (dk^ - (k^ . dk^) k^) + dr k^  -> dq, dk
 
@@ -49,7 +50,7 @@ C = 64
 
 
 def _sum_parts(zp, parts: int, t, hv):
-    """zp[0, t, hv] + ... + zp[parts - 1, t, hv] (unrolled)."""
+    """zp[0, t, hv] + ... + zp[parts - 1, t, hv] (unrolled; ``t`` is a token or, for ``tp``, a chunk row)."""
     total = zp[0, t, hv]
     for p in range(1, parts):
         total = total + zp[p, t, hv]
@@ -59,11 +60,11 @@ def _sum_parts(zp, parts: int, t, hv):
 @functools.lru_cache(maxsize=None)
 def build_chunk_bwd_grads(*, H: int, HV: int, K: int, V: int, in_dtype: str, normalize_q: bool, scale: float,
                           eps: float, block_v: int, threads: int, target: str, pass_configs: tuple = (),
-                          n_dtype: str = None, zparts: int = 1, fuse_group: bool = True, bulk: bool = True):
+                          n_dtype: str = None, zparts: int = 1, tparts: int = 1, fuse_group: bool = True, bulk: bool = True):
     """Compile the kernel (no GPU needed). ``target`` is a JSON target string; ``n_dtype`` the dtype of N (``vn``);
-    ``zparts`` the number of column blocks of ``zp``. ``fuse_group=False`` (GVA): one CTA per value head instead,
-    writing dq and dk per value head in fp32 ([1, TT, HV, K], the caller sums each group): the fused group needs
-    about 200 KB of shared memory, more than an A100 has. ``bulk``: the bulk copies of the module notes (used only
+    ``zparts`` the number of column blocks of ``zp`` and ``tp``. ``fuse_group=False`` (GVA): one CTA per value head
+    instead, writing dq and dk per value head in fp32 ([1, TT, HV, K], the caller sums each group): the fused group
+    needs about 200 KB of shared memory, more than an A100 has. ``bulk``: the bulk copies of the module notes (used only
     for bfloat16 with V a multiple of ``block_v``; float32 tiles would not fit twice). The caller turns it on for
     the Hopper path only (:func:`kla_tl.chunk.build_bwd_grads_kernel`): the Ampere build must fit an A100."""
     import json
@@ -126,6 +127,7 @@ def build_chunk_bwd_grads(*, H: int, HV: int, K: int, V: int, in_dtype: str, nor
         rq: T.Tensor([1, TT, H], "float32"),
         rk: T.Tensor([1, TT, H], "float32"),
         zp: T.Tensor([zparts, TT, HV], "float32"),
+        tp: T.Tensor([tparts, NC, HV], "float32"),
         chunks: T.Tensor([NC, 2], "int32"),
         dq: T.Tensor([1, TT, out_h, K], out_dtype),
         dk: T.Tensor([1, TT, out_h, K], out_dtype),
@@ -172,15 +174,13 @@ def build_chunk_bwd_grads(*, H: int, HV: int, K: int, V: int, in_dtype: str, nor
             mg_s = T.alloc_shared((C,), acc)
             dr_s = T.alloc_shared((C,), acc)
             dot_s = T.alloc_shared((C,), acc)
-            tl_s = T.alloc_shared((KP,), acc)
+            tail_s = T.alloc_shared((1,), acc)
 
             dka_f = T.alloc_fragment((C, KP), acc)      # dk^ of the group
             da_f = T.alloc_fragment((C, C), acc)
             dos_f = T.alloc_fragment((C, KP), acc)
             dw_f = T.alloc_fragment((C, KP), acc)
             t_f = T.alloc_fragment((C, KP), acc)
-            sd_f = T.alloc_fragment((KP, block_v), acc)
-            tl_f = T.alloc_fragment((KP,), acc)
             gkk_f = T.alloc_fragment((C, C), acc)
             m_f = T.alloc_fragment((C, C), acc)
             p_f = T.alloc_fragment((C, C), acc)
@@ -191,7 +191,6 @@ def build_chunk_bwd_grads(*, H: int, HV: int, K: int, V: int, in_dtype: str, nor
             rm_f = T.alloc_fragment((C,), acc)         # of M
             rp_f = T.alloc_fragment((C,), acc)         # of the pair sums' scratch
             xv_f = T.alloc_fragment((C,), acc)
-            tail = T.alloc_local((1,), acc)
 
             # q^, k^ of the chunk (row scalings in fp32, then the GEMM dtype), 1/r
             for i, d in T.Parallel(C, KP):
@@ -213,6 +212,8 @@ def build_chunk_bwd_grads(*, H: int, HV: int, K: int, V: int, in_dtype: str, nor
                 for i in T.Parallel(C):
                     gam_s[i] = T.if_then_else(t0 + i < eos, gcum[0, t0 + i, hv], 0.0)
                     eta_s[i] = T.if_then_else(t0 + i < eos, eta[0, t0 + i, hv], 0.0)
+                for i in T.Parallel(1):         # dg's chunk tail <dS_out, S_in> (the state-gradient kernel's)
+                    tail_s[i] = _sum_parts(tp, tparts, ic, hv)
                 for i in T.Parallel(C):
                     e_s[i] = T.if_then_else(t0 + i < eos, T.exp2(gam_s[i] * LOG2E), 0.0)
                     en_s[i] = T.if_then_else(t0 + i < eos, T.exp2((gam_s[nl] - gam_s[i]) * LOG2E), 0.0)
@@ -221,7 +222,6 @@ def build_chunk_bwd_grads(*, H: int, HV: int, K: int, V: int, in_dtype: str, nor
                 T.clear(da_f)
                 T.clear(dos_f)
                 T.clear(dw_f)
-                T.clear(tl_f)
                 for vb in (T.Pipelined(NV, num_stages=2) if bulk_v and NV > 1 else T.serial(NV)):
                     v0 = vb * block_v
                     if bulk_v:
@@ -243,9 +243,6 @@ def build_chunk_bwd_grads(*, H: int, HV: int, K: int, V: int, in_dtype: str, nor
                             ok = d < K and v0 + j < V
                             s_s[d, j] = T.if_then_else(ok, hs[ic, hv, d, v0 + j], T.cast(0, st))
                             ds_s[d, j] = T.if_then_else(ok, dhs[ic, hv, d, v0 + j], T.cast(0, st))
-                    for d, j in T.Parallel(KP, block_v):        # dg's chunk tail <dS_out, S_in>, by state rows
-                        sd_f[d, j] = T.cast(s_s[d, j], acc) * T.cast(ds_s[d, j], acc)
-                    T.reduce_sum(sd_f, tl_f, dim=1, clear=False)
                     gemm(do_s, n_s, da_f, transpose_B=True)
                     gemm(do_s, s_s, dos_f, transpose_B=True)
                     gemm(ne_s, ds_s, dka_f, transpose_B=True)
@@ -281,12 +278,8 @@ def build_chunk_bwd_grads(*, H: int, HV: int, K: int, V: int, in_dtype: str, nor
                 T.copy(z_s, zc_s)
                 T.cumsum(dir_s, dim=0, reverse=True)
                 T.cumsum(zc_s, dim=0)
-                T.copy(tl_f, tl_s)
-                tail[0] = 0.0
-                for d in T.serial(KP):
-                    tail[0] = tail[0] + tl_s[d]
                 for r in T.Parallel(C):
-                    dga_s[r] = ps_s[r] + dir_s[r] + (zc_s[r] - z_s[r]) + T.exp2(gam_s[nl] * LOG2E) * tail[0]
+                    dga_s[r] = ps_s[r] + dir_s[r] + (zc_s[r] - z_s[r]) + T.exp2(gam_s[nl] * LOG2E) * tail_s[0]
 
                 # ---- WY path: L = (I + A)^-1 as chunk_prepare stored it (identity rows past the sequence end)
                 for i, j in T.Parallel(C, C):

@@ -6,7 +6,7 @@ forward (:mod:`kla_tl.kernels.chunk_scan`'s notation); they consume what :mod:`k
         N      = U - W S                                  -> vn (rows past the sequence end are not written)
         S      = e^{gamma_n} S + (K^ e^{gamma_n - gamma})^T N
         ht     = S at the end (fp32, optional)
-    chunk_dstates  (same grid, a sequence's chunks last to first): see :func:`build_chunk_dstates`
+    chunk_dstates  (same grid, a sequence's chunks last to first, reading hs): see :func:`build_chunk_dstates`
 
 Chunk ``c`` of sequence ``n`` is row ``coff[n] + c`` of ``hs [NCT, HV, K, V]`` (``coff`` int32 ``[N]``: chunks of
 the sequences before ``n``), which is also row ``coff[n] + c`` of the prepare kernel's chunk table. The forward
@@ -19,10 +19,16 @@ import functools
 
 import tilelang
 import tilelang.language as T
+from tilelang.layout import make_swizzled_layout
 
 from ._tl import LOG2E, gemm_for, k_tile, row_tile_io, state_tile_io
 
 C = 64
+
+
+def tail_parts_per_cta(threads: int) -> int:
+    """Parts of dg's chunk tail that one CTA of :func:`build_chunk_dstates` writes (one per warp)."""
+    return threads // 32
 
 
 @functools.lru_cache(maxsize=None)
@@ -133,17 +139,27 @@ def build_chunk_dstates(*, H: int, HV: int, K: int, V: int, in_dtype: str, norma
         dN     = Aqk^T dO + diag(e^{gamma_n - gamma} / r) K dS    -> dvn  (gradient of N = U - W S)
         z      = rowsum((diag(e^{gamma_n - gamma} / r) K dS) * N)  -> zp[iv] (this CTA's V columns; dg's state-update
                                                                        term, summed over iv by the chunk-gradient kernel)
+        tail   = <dS, hs[c]>                                     -> tp[iv * warps + warp] (this CTA's V columns,
+                                                                       by warp; dg's chunk tail without its factor
+                                                                       e^{gamma_n}, likewise summed)
         dS     = e^{gamma_n} dS + Q^T diag(scale e^gamma / |q|) dO - W^T dN
         dh0    = dS at the sequence start (fp32, optional)
 
-    Inputs: the forward's q, k, w, aqk, gcum, rq, rk, ``do [1, TT, HV, V]``, ``dht [N, HV, K, V]`` fp32, and the
-    tables of :func:`build_chunk_states` (``seqs``, ``coff``). Rows past a sequence end are masked on load (do) or on
-    the result (dN), so the next sequence's rows in a chunk tile contribute nothing.
+    Inputs: the forward's q, k, w, aqk, gcum, rq, rk, ``do [1, TT, HV, V]``, ``dht [N, HV, K, V]`` fp32, the
+    tables of :func:`build_chunk_states` (``seqs``, ``coff``) and its outputs ``vn`` and ``hs``. Rows past a
+    sequence end are masked on load (do) or on the result (dN), so the next sequence's rows in a chunk tile
+    contribute nothing.
 
     Precision: with bf16 inputs K dS is taken as K dS_hi + K dS_lo (dS split into two bf16 tiles, ~16 bits), and z is
     formed in fp32 from it and the fp32 N: z_j = e^{gamma_n - gamma_j} (k^_j dS) . N_j is the whole of dg at some
     rows when gates are extreme (a final-state gradient meeting the last tokens), and can be far smaller than its
-    terms; bf16 roundings of dS or N there cost up to 1e-2 relative on dg (CPU emulation), this form ~1e-3.
+    terms; bf16 roundings of dS or N there cost up to 1e-2 relative on dg (CPU emulation), this form ~1e-3. The
+    chunk tail <dS, S_in> is formed here for the same reason, from the fp32 dS and the stored state: the
+    chunk-gradient kernel used to form it from bf16 copies of both, the largest of dg's rounding errors at all-zero
+    gates (``tools/dg_rounding_emulation.py``: median 3.7e-3 -> 3.0e-3, 20 -> 3 of 2000 draws over the 1e-2
+    tolerance). The tail stays off the serial path's critical latency: the state tile is one bulk copy issued with
+    the chunk's other tiles (prefetched after its use for the next chunk by the pipeliner) into a swizzled tile, each
+    thread multiplies its own fp32 dS elements by it, and a warp shuffle sums them; no block-wide reduction.
     """
     import json
 
@@ -160,6 +176,11 @@ def build_chunk_dstates(*, H: int, HV: int, K: int, V: int, in_dtype: str, norma
     load, clear_pad = row_tile_io(K, num_stages)
     nd = n_dtype or st
     split = in_dtype != "float32"          # dS = hi + lo in the K dS product (float32 products are exact already)
+    # the stored state for the chunk tail: its own tile, loaded with the chunk's other tiles; with K > 128 (no
+    # backward kernels yet) in dS_lo's tile once the K dS product is done, so that the kernel fits an A100
+    tail_in_dl = split and KP > 128
+    hs_bulk = not tail_in_dl and V % block_v == 0     # one bulk copy with the chunk's other tiles, else masked
+    warps = tail_parts_per_cta(threads)
 
     @T.prim_func
     def chunk_dstates(
@@ -175,10 +196,12 @@ def build_chunk_dstates(*, H: int, HV: int, K: int, V: int, in_dtype: str, norma
         coff: T.Tensor([N], "int32"),
         dht: T.Tensor([N, HV, K, V], "float32"),
         vn: T.Tensor([1, TT, HV, V], nd),
+        hs: T.Tensor([NCT, HV, K, V], st),
         dhs: T.Tensor([NCT, HV, K, V], st),
         dvn: T.Tensor([1, TT, HV, V], st),
         dh0: T.Tensor([N, HV, K, V], "float32"),
         zp: T.Tensor([NV, TT, HV], "float32"),
+        tp: T.Tensor([NV * warps, NCT, HV], "float32"),
     ):
         with T.Kernel(NV, N, HV, threads=threads) as (iv, n, hv):
             hk = hv // G
@@ -187,6 +210,7 @@ def build_chunk_dstates(*, H: int, HV: int, K: int, V: int, in_dtype: str, norma
             eos = seqs[n, 1]
             c0 = coff[n]
             nch = T.ceildiv(eos - bos, C)
+            tx = T.get_thread_binding()
 
             q_s = T.alloc_shared((C, KP), in_dtype)
             k_s = T.alloc_shared((C, KP), in_dtype)
@@ -197,6 +221,7 @@ def build_chunk_dstates(*, H: int, HV: int, K: int, V: int, in_dtype: str, norma
             dn_s = T.alloc_shared((C, block_v), st)
             dh_s = T.alloc_shared((KP, block_v), st)
             dl_s = T.alloc_shared((KP, block_v) if split else (1, 1), st)
+            hs_s = dl_s if tail_in_dl else T.alloc_shared((KP, block_v), st)
             gam_s = T.alloc_shared((C,), acc)
             rq_s = T.alloc_shared((C,), acc)
             rk_s = T.alloc_shared((C,), acc)
@@ -205,6 +230,7 @@ def build_chunk_dstates(*, H: int, HV: int, K: int, V: int, in_dtype: str, norma
             dn_f = T.alloc_fragment((C, block_v), acc)
             zt_f = T.alloc_fragment((C, block_v), acc)
             z_f = T.alloc_fragment((C,), acc)
+            tsum = T.alloc_local((1,), acc)
 
             if use_dht:
                 load_state(dht, n, hv, v0, dh_f)
@@ -213,6 +239,11 @@ def build_chunk_dstates(*, H: int, HV: int, K: int, V: int, in_dtype: str, norma
             clear_pad(q_s)
             clear_pad(k_s)
             clear_pad(w_s)
+            # swizzled: the tail reads hs_s in dS's fragment layout, 8 rows a warp (one bank apart when row-major)
+            T.annotate_layout({hs_s: make_swizzled_layout(hs_s)})
+            if hs_bulk and KP != K:
+                for i, j in T.Parallel(KP - K, block_v):
+                    hs_s[K + i, j] = T.cast(0, st)
 
             for cc in T.Pipelined(nch, num_stages=num_stages):
                 c = nch - 1 - cc
@@ -230,6 +261,10 @@ def build_chunk_dstates(*, H: int, HV: int, K: int, V: int, in_dtype: str, norma
                     T.copy(rq[0, t0:t0 + C, hk], rq_s, disable_tma=True)
                 nl = T.min(eos - t0, C) - 1
 
+                if hs_bulk:                                   # the state entering this chunk
+                    T.copy(hs[c0 + c, hv, 0:K, v0:v0 + block_v], hs_s[0:K, 0:block_v])
+                elif not tail_in_dl:
+                    load_state(hs, c0 + c, hv, v0, hs_s)
                 T.copy(dh_f, dh_s)
                 if split:
                     for i, j in T.Parallel(KP, block_v):
@@ -239,6 +274,8 @@ def build_chunk_dstates(*, H: int, HV: int, K: int, V: int, in_dtype: str, norma
                 gemm(k_s, dh_s, dn_f, clear_accum=True)
                 if split:
                     gemm(k_s, dl_s, dn_f)
+                if tail_in_dl:
+                    load_state(hs, c0 + c, hv, v0, hs_s)
                 for i, j in T.Parallel(C, block_v):
                     dn_f[i, j] = T.if_then_else(
                         t0 + i < eos, dn_f[i, j] * (rk_s[i] * T.exp2((gam_s[nl] - gam_s[i]) * LOG2E)), 0.0)
@@ -261,6 +298,14 @@ def build_chunk_dstates(*, H: int, HV: int, K: int, V: int, in_dtype: str, norma
                 for i, j in T.Parallel(C, block_v):
                     if t0 + i < eos and v0 + j < V:
                         dvn[0, t0 + i, hv, v0 + j] = dn_s[i, j]
+                # dg's chunk tail of these V columns, <dS, S_in> with the fp32 dS: each thread sums its own
+                # elements of dS, a warp sums its threads', and each warp writes its part of tp
+                tsum[0] = 0.0
+                for i, j in T.Parallel(KP, block_v):
+                    tsum[0] = tsum[0] + dh_f[i, j] * T.cast(hs_s[i, j], acc)
+                tsum[0] = T.warp_reduce_sum(tsum[0])
+                if tx % 32 == 0:
+                    tp[iv * warps + tx // 32, c0 + c, hv] = tsum[0]
                 # dS = e^{gamma_n} dS + Q^T (scaled dO) - W^T dN
                 for i, j in T.Parallel(KP, block_v):
                     dh_f[i, j] = dh_f[i, j] * T.exp2(gam_s[nl] * LOG2E)
