@@ -19,7 +19,7 @@ without it, one CTA per value head writes its share in fp32). Per value head
     dg_r = sum_{i >= r > j} ZG_ij + sum_{i >= r} (scale e_i q^_i . dOSt_i + eta_i e_i dY_i . k^_i)
            + sum_{j < r} z_j + e^{gamma_n} <dS_out, S_in>,   0 where g < G_FLOOR              -> dg
     (z_j = en_j (K^ dS_out . N)_j and <dS_out, S_in> from the state-gradient kernel, which forms both from its fp32
-    dS: ``zparts`` column blocks of ``zp`` and of ``tp``)
+    dS: ``zparts`` column blocks of ``zp``, ``tparts`` parts (column block x warp) of ``tp``)
   finish, after the group:
     dq = rq (dq^ - (q^ . dq^) q^)  (normalize_q; else dq = dq^),  dk = rk (dk^ - (k^ . dk^) k^) + dr k^  -> dq, dk
 
@@ -60,9 +60,11 @@ def _sum_parts(zp, parts: int, t, hv):
 @functools.lru_cache(maxsize=None)
 def build_chunk_bwd_grads(*, H: int, HV: int, K: int, V: int, in_dtype: str, normalize_q: bool, scale: float,
                           eps: float, block_v: int, threads: int, target: str, pass_configs: tuple = (),
-                          n_dtype: str = None, zparts: int = 1, tparts: int = 1, fuse_group: bool = True, bulk: bool = True):
+                          n_dtype: str = None, zparts: int = 1, tparts: int = 1, fuse_group: bool = True,
+                          bulk: bool = True):
     """Compile the kernel (no GPU needed). ``target`` is a JSON target string; ``n_dtype`` the dtype of N (``vn``);
-    ``zparts`` the number of column blocks of ``zp`` and ``tp``. ``fuse_group=False`` (GVA): one CTA per value head
+    ``zparts`` the number of column blocks of ``zp``, ``tparts`` the number of parts of ``tp`` (dg's chunk tail, see
+    :func:`kla_tl.chunk.tparts`). ``fuse_group=False`` (GVA): one CTA per value head
     instead, writing dq and dk per value head in fp32 ([1, TT, HV, K], the caller sums each group): the fused group
     needs about 200 KB of shared memory, more than an A100 has. ``bulk``: the bulk copies of the module notes (used only
     for bfloat16 with V a multiple of ``block_v``; float32 tiles would not fit twice). The caller turns it on for
