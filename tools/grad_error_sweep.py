@@ -15,10 +15,11 @@ reference, and kla-tl's difference from fla (the proof's second check). Per case
 goes with the size of the reference dg: the correlation of log(error) with log(||dg_ref||), and the median
 absolute error ``||dg - dg_ref||``.
 
-    python tools/grad_error_sweep.py [--draws 300] [--paths sm_90a sm_80] [--cases zero random] [--fla]
+    python tools/grad_error_sweep.py [--draws 300] [--paths sm_90a sm_80] [--cases zero random] [--fla] [--json F]
 """
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -91,17 +92,26 @@ def main() -> None:
     ap.add_argument("--cases", nargs="+", default=["zero", "random"], choices=["zero", "random"],
                     help="gate cases: all gates zero, random gates")
     ap.add_argument("--fla", action="store_true", help="also fla's gradients on the same draws (module notes)")
+    ap.add_argument("--json", metavar="FILE", help="also write every draw's errors (by path and case) to FILE")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("grad_error_sweep: needs a CUDA GPU")
     tol = tol_for(torch.bfloat16, "grad")
     t0 = time.time()
+    record = {"what": "relative gradient errors against the float64 reference backward, one entry per fresh draw "
+                      "(B=2, T=200, H=HV=2, K=V=128, bf16, initial state, final-state gradient)",
+              "tol": tol, "draws": args.draws, "device": torch.cuda.get_device_name(),
+              "versions": {"torch": torch.__version__, "kla_tl": getattr(kla_tl, "__version__", "?")}, "runs": {}}
+    if args.fla:
+        import fla
+        record["versions"]["fla"] = getattr(fla, "__version__", "?")
     for path in args.paths:
         os.environ["KLA_TL_ARCH"] = path               # read per call (kla_tl.chunk.select_arch)
         for case, zero in (("zero gates", True), ("random gates", False)):
             if case.split()[0] not in args.cases:
                 continue
             res = sweep(args.draws, zero, args.fla)
+            record["runs"][f"{path} {case}"] = res
             head = f"{path} {case} ({args.draws} draws, tol {tol:g})"
             for impl in ("kla_tl", "fla", "vs_fla"):
                 if impl in res:
@@ -112,6 +122,9 @@ def main() -> None:
             print(f"{head} dg: corr(log error, log ||dg_ref||) {corr:+.2f}, ||dg_ref|| median "
                   f"{norm.exp().median():.3g} min {norm.exp().min():.3g}, ||dg - dg_ref|| median "
                   f"{torch.tensor(res['dg_abs']).median():.3g} [{time.time() - t0:.0f} s]", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(record, f)
 
 
 if __name__ == "__main__":
