@@ -149,19 +149,20 @@ def build_chunk_dstates(*, H: int, HV: int, K: int, V: int, in_dtype: str, norma
     sequence end are masked on load (do) or on the result (dN), so the next sequence's rows in a chunk tile
     contribute nothing.
 
-    Precision: with bf16 inputs K dS is taken as K dS_hi + K dS_lo (dS split into two bf16 tiles, ~16 bits), and z is
-    formed in fp32 from it and the fp32 N: z_j = e^{gamma_n - gamma_j} (k^_j dS) . N_j is the whole of dg at some
+    Precision: with bf16 inputs K dS is taken as K dS_hi + K dS_lo (dS split into two bf16 tiles, ~16 bits), and z
+    is formed in fp32 from it and the fp32 N: z_j = e^{gamma_n - gamma_j} (k^_j dS) . N_j is the whole of dg at some
     rows when gates are extreme (a final-state gradient meeting the last tokens), and can be far smaller than its
     terms; bf16 roundings of dS or N there cost up to 1e-2 relative on dg (CPU emulation), this form ~1e-3. The
     chunk tail <dS, S_in> is formed here for the same reason, from the fp32 dS and the stored state: the
     chunk-gradient kernel used to form it from bf16 copies of both, the largest of dg's rounding errors at all-zero
     gates (``tools/dg_rounding_emulation.py``: median 3.7e-3 -> 3.0e-3, 20 -> 3 of 2000 draws over the 1e-2
-    tolerance). The tail stays off the serial path's critical latency and out of shared memory: each thread loads
-    its own elements of the state tile (dS's fragment layout) straight into registers at the start of the chunk
-    step, so the loads are in flight while the step's GEMMs run; it multiplies them by its fp32 dS elements after
-    dN, and a warp shuffle sums them; no block-wide reduction. (A shared-memory tile for the state, 16 KB at
-    K = 128 and 64 columns, took the kernel past half an H100's shared memory: one CTA an SM instead of two, and
-    the backward 1-7% slower.)
+    tolerance; on an H100 3.1e-3 and 2 of 1000, where fla's dg had 3.4e-3 and 6:
+    ``perf/experiments/h100-chunk-tail-ds-v3.json``). The tail stays off the serial path's critical latency and out
+    of shared memory: each thread loads its own elements of the state tile (dS's fragment layout) straight into
+    registers at the start of the chunk step, so the loads are in flight while the step's GEMMs run; it multiplies
+    them by its fp32 dS elements after dN, and a warp shuffle sums them; no block-wide reduction. (A shared-memory
+    tile for the state, 16 KB at K = 128 and 64 columns, took the kernel past half an H100's shared memory: one CTA
+    an SM instead of two, and the backward 1-7% slower.)
     """
     import json
 
