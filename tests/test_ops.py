@@ -99,8 +99,7 @@ def test_schemas_match_the_grad_name_map():
 def test_opcheck_chunk_fwd(case, dtype, save):
     inp, opts = _inputs(case, dtype, requires_grad=True)
     args, kw = _op_args(inp, **opts)
-    kw["save_for_backward"] = save
-    torch.library.opcheck(FWD, args, kw)
+    torch.library.opcheck(FWD, args, dict(kw, save_for_backward=save))
 
 
 def test_cpu_forward_keeps_nothing_for_the_backward():
