@@ -41,7 +41,7 @@ gates (float64 reference, 40 draws): with no decay dg is 95% (median) a constant
 final-state gradient's inner product with the states (||dg_ref|| median 236 with the final-state gradient, 20
 without), so the whole of ||dg_ref|| rests on B * HV = 4 random scalars; it ranged from 103 to 502. A draw where all
 four are small gives a small ||dg_ref|| and a relative error several times the median, whatever the kernels round.
-Seed 7, 1200 draws, the tail from the fp32 dS (perf/experiments/chunk-tail-ds-v2.patch): 5 over (max 1.3e-2); with
+Seed 7, 1200 draws, the tail from the fp32 dS (the kernels since aa6ee97): 5 over (max 1.3e-2); with
 further sites in fp32 still 1 to 3 over: the serial kernels' Sfwd, Nfwd and dN together 2, W and kW together 1, the
 tail's state 2.
 
